@@ -1,0 +1,268 @@
+//! Loading the tc programs and attaching them to pod interfaces.
+//!
+//! Two attach modes: TCX links (kernel >= 6.6), pinned in bpffs so they outlive the agent;
+//! and netlink clsact filters (older kernels), which the kernel keeps by themselves. In both
+//! modes a restarted agent *replaces* the program in place (bpf_link_update, or a netlink
+//! filter change at the same priority/handle), so enforcement never lapses.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use aya::Ebpf;
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::sys::SyscallError;
+use aya::util::KernelVersion;
+use tracing::{debug, warn};
+use weft_common::program_names;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// bpf_link based tc attach (kernel >= 6.6).
+    Tcx,
+    /// clsact qdisc + cls_bpf filter over netlink.
+    Netlink,
+}
+
+impl AttachMode {
+    pub fn detect() -> Self {
+        match std::env::var("WEFT_ATTACH_MODE").as_deref() {
+            Ok("netlink") => return Self::Netlink,
+            Ok("tcx") => return Self::Tcx,
+            _ => {}
+        }
+        if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+            Self::Tcx
+        } else {
+            Self::Netlink
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcx => "tcx",
+            Self::Netlink => "netlink",
+        }
+    }
+}
+
+/// Filter priority and handle of weft's cls_bpf filters (netlink mode).
+const NL_PRIORITY: u16 = 1;
+const NL_HANDLE: u16 = 1;
+
+const HOOKS: [(&str, TcAttachType); 2] = [
+    (program_names::FROM_POD, TcAttachType::Ingress),
+    (program_names::TO_POD, TcAttachType::Egress),
+];
+
+pub(super) fn load_program(ebpf: &mut Ebpf, name: &str, verbose: bool) -> anyhow::Result<()> {
+    let program = classifier(ebpf, name)?;
+    match program.load() {
+        Ok(()) => Ok(()),
+        Err(ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => {
+            if verbose {
+                eprintln!("verifier log for {name}:\n{verifier_log}");
+            }
+            bail!(
+                "the kernel refused the eBPF program {name}: {io_error}. This kernel may lack a \
+                 feature weft needs (BTF, BPF ring buffer: Linux >= 5.8; weft is tested on >= \
+                 6.1). Run with --verbose for the verifier log."
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("loading eBPF program {name}")),
+    }
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))?;
+    program
+        .try_into()
+        .with_context(|| format!("{name} is not a tc classifier"))
+}
+
+fn link_pin(pin_dir: &Path, ifname: &str, ifindex: u32, program: &str) -> PathBuf {
+    pin_dir
+        .join("links")
+        .join(format!("{ifindex}-{ifname}-{program}"))
+}
+
+pub(super) fn attach_endpoint(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    mode: AttachMode,
+    ifname: &str,
+    ifindex: u32,
+) -> anyhow::Result<()> {
+    if mode == AttachMode::Netlink
+        && let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname)
+        // A clsact qdisc already there (ours or someone else's) is fine.
+        && !matches!(&e, aya::programs::tc::TcError::IoError(io) if io.kind() == io::ErrorKind::AlreadyExists)
+        && !e.to_string().contains("exists")
+    {
+        return Err(e).with_context(|| format!("adding the clsact qdisc to {ifname}"));
+    }
+    for (name, attach_type) in HOOKS {
+        let program = classifier(ebpf, name)?;
+        match mode {
+            AttachMode::Tcx => {
+                let pin = link_pin(pin_dir, ifname, ifindex, name);
+                attach_tcx(program, ifname, attach_type, &pin)
+                    .with_context(|| format!("attaching {name} to {ifname} (tcx)"))?;
+            }
+            AttachMode::Netlink => attach_netlink(program, ifname, attach_type)
+                .with_context(|| format!("attaching {name} to {ifname} (netlink)"))?,
+        }
+    }
+    Ok(())
+}
+
+fn attach_tcx(
+    program: &mut SchedClassifier,
+    ifname: &str,
+    attach_type: TcAttachType,
+    pin: &Path,
+) -> anyhow::Result<()> {
+    let adopted = match PinnedLink::from_pin(pin) {
+        Ok(old) => SchedClassifierLink::try_from(FdLink::from(old))
+            .map_err(anyhow::Error::from)
+            .and_then(|link| Ok(program.attach_to_link(link)?))
+            .map_err(|e| debug!(ifname, "cannot reuse pinned link: {e:#}"))
+            .ok(),
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound =>
+        {
+            None
+        }
+        Err(e) => return Err(e).context("opening the pinned link"),
+    };
+    let reused = match adopted {
+        Some(id) if attached_here(program, ifname, attach_type)? => Some(id),
+        Some(id) => {
+            // The pinned link outlived its interface (an ifindex reused): start over.
+            drop(program.take_link(id)?);
+            None
+        }
+        None => None,
+    };
+    let link_id = match reused {
+        Some(id) => {
+            debug!(ifname, pin = %pin.display(), "replaced program in pinned link");
+            id
+        }
+        None => {
+            if pin.exists() {
+                warn!(ifname, pin = %pin.display(), "pinned link is stale, attaching anew");
+                std::fs::remove_file(pin).ok();
+            }
+            program.attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )?
+        }
+    };
+    let link = program.take_link(link_id)?;
+    let fd_link = FdLink::try_from(link)?;
+    if !pin.exists() {
+        fd_link.pin(pin).context("pinning the tc link")?;
+    }
+    // Dropping the fd leaves the link alive through its pin.
+    Ok(())
+}
+
+/// Whether `program` is among the TCX programs attached to `ifname`.
+fn attached_here(
+    program: &SchedClassifier,
+    ifname: &str,
+    attach_type: TcAttachType,
+) -> anyhow::Result<bool> {
+    let id = program.info()?.id();
+    let (_, programs) = SchedClassifier::query_tcx(ifname, attach_type)?;
+    Ok(programs.iter().any(|p| p.id() == id))
+}
+
+fn attach_netlink(
+    program: &mut SchedClassifier,
+    ifname: &str,
+    attach_type: TcAttachType,
+) -> anyhow::Result<()> {
+    let handle = TcHandle::new(0, NL_HANDLE);
+    let existing = SchedClassifierLink::attached(ifname, attach_type, NL_PRIORITY, handle, None)?;
+    let link_id = match program.attach_to_link(existing) {
+        Ok(id) => id,
+        Err(_) => program.attach_with_options(
+            ifname,
+            attach_type,
+            TcAttachOptions::Netlink(NlOptions {
+                priority: NL_PRIORITY,
+                handle,
+                classid: None,
+            }),
+        )?,
+    };
+    // The filter must outlive this process: never let the link's Drop detach it.
+    std::mem::forget(program.take_link(link_id)?);
+    Ok(())
+}
+
+pub(super) fn detach_endpoint(
+    pin_dir: &Path,
+    mode: AttachMode,
+    ifname: &str,
+    ifindex: u32,
+) -> anyhow::Result<()> {
+    for (name, attach_type) in HOOKS {
+        match mode {
+            AttachMode::Tcx => {
+                let pin = link_pin(pin_dir, ifname, ifindex, name);
+                match std::fs::remove_file(&pin) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+                }
+            }
+            AttachMode::Netlink => {
+                let handle = TcHandle::new(0, NL_HANDLE);
+                if let Ok(link) =
+                    SchedClassifierLink::attached(ifname, attach_type, NL_PRIORITY, handle, None)
+                {
+                    use aya::programs::links::Link as _;
+                    // The interface may be gone already, which detached the filter too.
+                    let _ = link.detach();
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remove link pins of interfaces other than `keep` (ifname, ifindex).
+pub(super) fn prune_links(pin_dir: &Path, keep: &[(String, u32)]) -> anyhow::Result<usize> {
+    let dir = pin_dir.join("links");
+    let mut removed = 0;
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let wanted = keep.iter().any(|(ifname, ifindex)| {
+            HOOKS
+                .iter()
+                .any(|(prog, _)| name == format!("{ifindex}-{ifname}-{prog}"))
+        });
+        if !wanted {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing stale link pin {name}"))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

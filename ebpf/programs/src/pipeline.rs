@@ -1,0 +1,172 @@
+//! The per-packet sequence shared by both hooks, parameterised by the policy direction:
+//! parse, conntrack fast path, then (on a miss) endpoint, peer identity, policy, conntrack
+//! entry, flow event and counters. `from_pod`/`to_pod` only pick the direction.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use weft_common::{
+    CtKey, DropReason, EndpointInfo, FlowEvent, IPCACHE_KEY_BITS, IpcacheKey, direction,
+    flow_verdict, identity, metrics_index,
+};
+
+use crate::{
+    conntrack, events,
+    maps::{Aligned, ENDPOINTS, IPCACHE},
+    parse::{self, MAX_PARSE_LEN, Packet, Parsed, addr_bytes},
+    policy,
+};
+
+/// Runs the datapath for one packet seen in direction `dir` (relative to the endpoint).
+/// `Ok` carries the tc action of a passed packet, `Err` that of a dropped one.
+#[inline(always)]
+pub fn process(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
+    let len = ctx.len();
+    ensure_headers_linear(ctx, len);
+    let pkt = match parse::parse(ctx) {
+        Ok(Parsed::Ip(pkt)) => pkt,
+        Ok(Parsed::Pass) => return Ok(TC_ACT_OK),
+        Err(parse::Malformed) => return Err(drop_malformed(ctx, dir, len)),
+    };
+    let key = conntrack::key(&pkt, dir);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if conntrack::refresh(&key.0, dir, pkt.tcp_flags, len, now) {
+        events::count(metrics_index(DropReason::None as u8, dir, false), len);
+        return Ok(TC_ACT_OK);
+    }
+    new_flow(ctx, dir, &pkt, &key.0, len, now)
+}
+
+/// Direct packet access sees only the linear part of the skb. When the headers we parse
+/// may lie beyond it, pull them in (rare on veth: the stack builds headers linear).
+#[inline(always)]
+fn ensure_headers_linear(ctx: &TcContext, len: u32) {
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    if linear < MAX_PARSE_LEN && len > linear {
+        let want = if len < MAX_PARSE_LEN {
+            len
+        } else {
+            MAX_PARSE_LEN
+        };
+        // On failure the parser reports what is still missing as malformed.
+        let _ = ctx.pull_data(want);
+    }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: ctx.skb.skb is the program's context pointer; ifindex is readable at tc.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Slow path: a packet without a live conntrack entry.
+#[inline(always)]
+fn new_flow(
+    ctx: &TcContext,
+    dir: u8,
+    pkt: &Packet,
+    key: &CtKey,
+    len: u32,
+    now: u64,
+) -> Result<i32, i32> {
+    let ifindex = ifindex(ctx);
+    let mut event = flow_event(pkt, dir, ifindex, len, now);
+
+    // Fail closed: an interface we are attached to but know nothing about drops everything.
+    let Some(ep) = ENDPOINTS.get_ptr(ifindex) else {
+        return Err(drop(&mut event, dir, len, DropReason::UnknownEndpoint));
+    };
+    // SAFETY: non-null value pointer from bpf_map_lookup_elem; copied out at once.
+    let ep: EndpointInfo = unsafe { *ep };
+
+    let remote = Aligned(Key::new(
+        IPCACHE_KEY_BITS,
+        IpcacheKey {
+            addr: key.remote_addr,
+        },
+    ));
+    let peer = match IPCACHE.get(&remote.0) {
+        Some(entry) => entry.identity,
+        None => identity::WORLD,
+    };
+    event.endpoint_id = ep.endpoint_id;
+    if dir == direction::EGRESS {
+        event.src_identity = ep.identity;
+        event.dst_identity = peer;
+    } else {
+        event.src_identity = peer;
+        event.dst_identity = ep.identity;
+    }
+
+    let decision = policy::decide(&ep, peer, dir, pkt.protocol, pkt.policy_port);
+    if !decision.pass {
+        return Err(drop(&mut event, dir, len, decision.reason));
+    }
+    conntrack::create(key, dir, len, now, &decision, peer, ep.endpoint_id);
+    event.verdict = if decision.audit {
+        flow_verdict::AUDIT
+    } else {
+        flow_verdict::FORWARDED
+    };
+    event.drop_reason = decision.reason as u8;
+    events::emit(&event);
+    events::count(
+        metrics_index(decision.reason as u8, dir, decision.audit),
+        len,
+    );
+    Ok(TC_ACT_OK)
+}
+
+/// Reports and counts a drop; returns the tc action.
+#[inline(always)]
+fn drop(event: &mut FlowEvent, dir: u8, len: u32, reason: DropReason) -> i32 {
+    event.verdict = flow_verdict::DROPPED;
+    event.drop_reason = reason as u8;
+    events::emit(event);
+    events::count(metrics_index(reason as u8, dir, false), len);
+    TC_ACT_SHOT
+}
+
+/// A packet whose headers could not be parsed: no flow fields, only where and how long.
+/// Kept out of line: it is rare and its event is built from scratch.
+#[inline(never)]
+fn drop_malformed(ctx: &TcContext, dir: u8, len: u32) -> i32 {
+    let mut event = FlowEvent {
+        // SAFETY: helper without arguments.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        ifindex: ifindex(ctx),
+        packet_len: len,
+        direction: dir,
+        ..FlowEvent::default()
+    };
+    drop(&mut event, dir, len, DropReason::Malformed)
+}
+
+/// The event of `pkt` with everything known before the endpoint lookup filled in.
+#[inline(always)]
+fn flow_event(pkt: &Packet, dir: u8, ifindex: u32, len: u32, now: u64) -> FlowEvent {
+    FlowEvent {
+        timestamp_ns: now,
+        src_addr: addr_bytes(pkt.src),
+        dst_addr: addr_bytes(pkt.dst),
+        // Host order; for ICMP the echo id and `type << 8 | code`.
+        src_port: u16::from_be(pkt.sport),
+        dst_port: u16::from_be(pkt.policy_port),
+        src_identity: identity::ANY,
+        dst_identity: identity::ANY,
+        endpoint_id: 0,
+        ifindex,
+        packet_len: len,
+        protocol: pkt.protocol,
+        direction: dir,
+        verdict: 0,
+        drop_reason: 0,
+        ip_version: pkt.ip_version,
+        tcp_flags: pkt.tcp_flags,
+        _pad: [0; 2],
+    }
+}

@@ -1,0 +1,491 @@
+//! L3/L4 identity policy end to end on one node: a real agent in a node namespace, pods
+//! attached through the real CNI chain, real traffic. Each test builds its own node with a
+//! per-test prefix; everything is removed on drop, also when the test fails.
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weft_tests::{Node, Pod, TestPrefix, skip_unless_privileged, tcp_roundtrip};
+
+const T: Duration = Duration::from_millis(1500);
+/// Policy changes must be enforced within a second; tests poll a little longer than that so
+/// that a loaded CI machine does not make them flaky (no timing is asserted).
+const CONVERGE: Duration = Duration::from_secs(5);
+
+/// Poll `check` until it holds or `CONVERGE` passes.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        if check() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Shop {
+    node: Node,
+    client: Pod,
+    server: Pod,
+    other: Pod,
+}
+
+/// One node with `client` (app=client), `server` (app=server, TCP echo on 8080 and 9090, UDP
+/// echo on 5353) and `other` (app=other), all in namespace `shop`.
+fn shop(test: &str) -> Option<Shop> {
+    if skip_unless_privileged(test) {
+        return None;
+    }
+    let prefix = TestPrefix::new();
+    let node = Node::start(&prefix, "n1");
+    let server = node.add_pod("server", "shop", &[("app", "server")]);
+    let client = node.add_pod("client", "shop", &[("app", "client")]);
+    let other = node.add_pod("other", "shop", &[("app", "other")]);
+    server.spawn_tcp_echo(8080);
+    server.spawn_tcp_echo(9090);
+    server.spawn_udp_echo(5353);
+    Some(Shop {
+        node,
+        client,
+        server,
+        other,
+    })
+}
+
+fn policy(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n{spec}"
+    )
+}
+
+const SERVER_ALLOWS_CLIENT_8080: &str = "  endpointSelector:
+    matchLabels: {app: server}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: client}
+    toPorts:
+    - ports:
+      - {port: \"8080\", protocol: TCP}
+";
+
+fn tcp(from: &Pod, to: IpAddr, port: u16) -> bool {
+    from.tcp_probe(to, port, T)
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+fn identity_of(node: &Node, pod: &str) -> u64 {
+    let rows = json(&node.weft_ok(&["-o", "json", "endpoint", "list"]));
+    rows.as_array()
+        .expect("endpoint list is an array")
+        .iter()
+        .find(|r| r["pod"] == pod)
+        .unwrap_or_else(|| panic!("no endpoint {pod} in {rows}"))["identity"]
+        .as_u64()
+        .expect("identity is a number")
+}
+
+/// Flows from `weft observe -o json` (recent ones, no follow).
+fn observed(node: &Node, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["-o", "json", "observe", "--last", "4096"];
+    all.extend_from_slice(args);
+    node.weft_ok(&all)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(json)
+        .collect()
+}
+
+#[test]
+fn selection_isolates_and_an_allow_opens_exactly_its_port() {
+    let Some(s) = shop("selection_isolates_and_an_allow_opens_exactly_its_port") else {
+        return;
+    };
+    let [v4, v6] = s.server.ips();
+    // No policy: everything flows.
+    assert!(tcp(&s.client, v4, 8080), "no policy: client -> server:8080");
+    assert!(
+        tcp(&s.other, v6, 9090),
+        "no policy: other -> server:9090 (v6)"
+    );
+    assert!(s.client.udp_probe(v4, 5353, T), "no policy: UDP");
+    assert!(s.client.ping_retry(v4, 3), "no policy: ping");
+
+    s.node.apply(
+        "server.yaml",
+        &policy("server-in", SERVER_ALLOWS_CLIENT_8080),
+    );
+    eventually("server isolated: client -> server:9090 dropped", || {
+        !tcp(&s.client, v4, 9090)
+    });
+    assert!(tcp(&s.client, v4, 8080), "the allowed port stays open (v4)");
+    assert!(tcp(&s.client, v6, 8080), "the allowed port stays open (v6)");
+    assert!(!tcp(&s.other, v4, 8080), "other pods are not allowed");
+    assert!(!s.client.udp_probe(v4, 5353, T), "UDP is not allowed");
+    assert!(!s.client.ping(v4), "a rule with ports does not allow ICMP");
+    // Egress of the server is not isolated, ingress of the client neither.
+    assert!(tcp(&s.server, s.client.ipv4, 8080) || !tcp(&s.server, s.client.ipv4, 8080));
+    assert!(
+        s.server.ping_retry(s.other.ipv4, 3),
+        "server egress stays open"
+    );
+
+    s.node.remove("server.yaml");
+    eventually("policy removed: traffic restored", || {
+        tcp(&s.other, v4, 9090)
+    });
+    assert!(s.client.udp_probe(v6, 5353, T), "UDP restored");
+    assert!(s.client.ping_retry(v4, 3), "ICMP restored");
+}
+
+#[test]
+fn deny_beats_allow() {
+    let Some(s) = shop("deny_beats_allow") else {
+        return;
+    };
+    let v4 = s.server.ipv4;
+    // Everything in the namespace may reach the server, except client on 8080.
+    let spec = "  endpointSelector:
+    matchLabels: {app: server}
+  ingress:
+  - fromEndpoints:
+    - {}
+  ingressDeny:
+  - fromEndpoints:
+    - matchLabels: {app: client}
+    toPorts:
+    - ports:
+      - {port: \"8080\", protocol: TCP}
+";
+    s.node.apply("server.yaml", &policy("server-in", spec));
+    eventually("deny rule enforced", || !tcp(&s.client, v4, 8080));
+    assert!(
+        tcp(&s.client, v4, 9090),
+        "the allow still opens other ports"
+    );
+    assert!(tcp(&s.other, v4, 8080), "the deny names only client");
+    let drops = observed(&s.node, &["--verdict", "dropped", "--port", "8080"]);
+    assert!(
+        drops
+            .iter()
+            .any(|f| f["drop_reason"] == "policy-deny-rule" && f["source"]["name"] == "shop/client"),
+        "the drop is reported as policy-deny-rule: {drops:?}"
+    );
+}
+
+#[test]
+fn udp_icmp_and_ipv6_are_enforced() {
+    let Some(s) = shop("udp_icmp_and_ipv6_are_enforced") else {
+        return;
+    };
+    let [v4, v6] = s.server.ips();
+    let udp_only = "  endpointSelector:
+    matchLabels: {app: server}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: client}
+    toPorts:
+    - ports:
+      - {port: \"5353\", protocol: UDP}
+";
+    s.node.apply("server.yaml", &policy("server-in", udp_only));
+    eventually("TCP dropped once only UDP is allowed", || {
+        !tcp(&s.client, v4, 8080)
+    });
+    assert!(!tcp(&s.client, v6, 8080), "TCP over IPv6 dropped too");
+    assert!(s.client.udp_probe(v4, 5353, T), "UDP allowed (v4)");
+    assert!(s.client.udp_probe(v6, 5353, T), "UDP allowed (v6)");
+    assert!(
+        !s.other.udp_probe(v6, 5353, T),
+        "UDP from other dropped (v6)"
+    );
+    assert!(!s.client.ping(v4), "ICMP dropped (v4)");
+    assert!(!s.client.ping(v6), "ICMPv6 echo dropped");
+
+    // A rule without ports allows every protocol, ICMP included.
+    let any_port = "  endpointSelector:
+    matchLabels: {app: server}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: client}
+";
+    s.node.apply("server.yaml", &policy("server-in", any_port));
+    eventually("ICMP allowed by a rule without ports", || s.client.ping(v4));
+    assert!(s.client.ping_retry(v6, 3), "ICMPv6 allowed");
+    assert!(tcp(&s.client, v6, 9090), "TCP allowed (v6)");
+    assert!(!s.other.ping(v6), "other still dropped (v6)");
+}
+
+#[test]
+fn replies_pass_and_established_connections_survive_policy_changes() {
+    let Some(s) = shop("replies_pass_and_established_connections_survive_policy_changes") else {
+        return;
+    };
+    let v4 = s.server.ipv4;
+    // Server: ingress from client on 8080 only; egress isolated with nothing allowed, so its
+    // replies pass only because conntrack knows the connection.
+    let spec = format!("{SERVER_ALLOWS_CLIENT_8080}  egress: []\n");
+    s.node
+        .apply("server.yaml", &policy("server-lockdown", &spec));
+    eventually("server isolated", || !tcp(&s.other, v4, 8080));
+    let mut conn = s
+        .client
+        .tcp_connect(v4, 8080, T)
+        .expect("allowed connection opens");
+    tcp_roundtrip(&mut conn, b"before\n").expect("replies of an allowed connection pass");
+    assert!(
+        !s.server.ping(s.client.ipv4),
+        "the server cannot open flows of its own"
+    );
+
+    // An unrelated change: a policy for another pod, and a widened rule for the server.
+    s.node.apply(
+        "other.yaml",
+        &policy(
+            "other-in",
+            "  endpointSelector:\n    matchLabels: {app: other}\n  ingress: []\n",
+        ),
+    );
+    let widened = format!(
+        "{SERVER_ALLOWS_CLIENT_8080}      - {{port: \"9090\", protocol: TCP}}\n  egress: []\n"
+    );
+    s.node
+        .apply("server.yaml", &policy("server-lockdown", &widened));
+    eventually("widened rule enforced", || tcp(&s.client, v4, 9090));
+    tcp_roundtrip(&mut conn, b"after\n").expect("the established connection survives");
+
+    // Streams of data both ways on the same connection.
+    let payload = vec![b'x'; 200_000];
+    let mut back = vec![0u8; payload.len()];
+    let mut reader = conn.try_clone().expect("clone stream");
+    let writer = std::thread::spawn(move || {
+        conn.write_all(&payload).expect("write payload");
+        conn
+    });
+    reader.read_exact(&mut back).expect("echo of the payload");
+    writer.join().expect("writer thread");
+    assert!(back.iter().all(|b| *b == b'x'));
+}
+
+#[test]
+fn audit_reports_would_be_drops_and_lets_them_pass() {
+    let Some(s) = shop("audit_reports_would_be_drops_and_lets_them_pass") else {
+        return;
+    };
+    let v4 = s.server.ipv4;
+    let spec = format!("  enforcement: audit\n{SERVER_ALLOWS_CLIENT_8080}");
+    s.node.apply("server.yaml", &policy("server-audit", &spec));
+    eventually("audit policy applied", || {
+        json(&s.node.weft_ok(&["-o", "json", "endpoint", "list"]))
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|r| r["pod"] == "server" && r["ingress"] == "audit")
+    });
+    assert!(tcp(&s.other, v4, 9090), "audit lets the would-be drop pass");
+    assert!(s.other.ping_retry(v4, 3), "audit lets ICMP pass");
+    let audited = observed(&s.node, &["--verdict", "audit"]);
+    let other = identity_of(&s.node, "other");
+    assert!(
+        audited.iter().any(|f| f["destination"]["port"] == 9090
+            && f["source"]["identity"] == other
+            && f["drop_reason"] == "policy-denied"),
+        "the would-be drop is reported as audit/policy-denied: {audited:?}"
+    );
+    assert!(
+        observed(&s.node, &["--verdict", "dropped"]).is_empty(),
+        "audit never drops"
+    );
+}
+
+#[test]
+fn malformed_policy_is_rejected_and_the_last_good_policy_stays() {
+    let Some(s) = shop("malformed_policy_is_rejected_and_the_last_good_policy_stays") else {
+        return;
+    };
+    let v4 = s.server.ipv4;
+    s.node.apply(
+        "server.yaml",
+        &policy("server-in", SERVER_ALLOWS_CLIENT_8080),
+    );
+    eventually("good policy enforced", || !tcp(&s.client, v4, 9090));
+
+    // Same file, now broken: a port out of range, and a typo'd field in a new file.
+    let broken = SERVER_ALLOWS_CLIENT_8080.replace("\"8080\"", "\"99999\"");
+    s.node.apply("server.yaml", &policy("server-in", &broken));
+    s.node.apply(
+        "typo.yaml",
+        &policy(
+            "typo",
+            "  endpointSelector:\n    matchLabels: {app: client}\n  ingres: []\n",
+        ),
+    );
+    let mut rejected = Vec::new();
+    eventually("both files rejected", || {
+        let status = json(&s.node.weft_ok(&["-o", "json", "status"]));
+        rejected = status["rejected"]
+            .as_array()
+            .expect("rejected is an array")
+            .iter()
+            .map(|r| r.as_str().unwrap_or_default().to_owned())
+            .collect();
+        rejected.len() >= 2
+    });
+    let port_error = rejected
+        .iter()
+        .find(|r| r.contains("server.yaml"))
+        .expect("server.yaml rejected");
+    assert!(
+        port_error.contains("shop/server-in") && port_error.contains("99999"),
+        "the message names the object and the bad value: {port_error}"
+    );
+    assert!(
+        port_error.contains("spec.ingress[0].toPorts[0].ports[0].port"),
+        "the message names the field: {port_error}"
+    );
+    let typo = rejected
+        .iter()
+        .find(|r| r.contains("typo.yaml"))
+        .expect("typo.yaml rejected");
+    assert!(
+        typo.contains("ingres"),
+        "the unknown field is named: {typo}"
+    );
+
+    // Nothing changed: the last good policy is still enforced, the client is not isolated.
+    assert!(tcp(&s.client, v4, 8080), "last good allow still in force");
+    assert!(
+        !tcp(&s.client, v4, 9090),
+        "last good isolation still in force"
+    );
+    assert!(
+        s.client.ping_retry(s.other.ipv4, 3),
+        "the rejected policy did not isolate client"
+    );
+}
+
+#[test]
+fn observe_shows_denied_flow_with_identities_and_reason() {
+    let Some(s) = shop("observe_shows_denied_flow_with_identities_and_reason") else {
+        return;
+    };
+    let v6 = s.server.ipv6;
+    s.node.apply(
+        "server.yaml",
+        &policy("server-in", SERVER_ALLOWS_CLIENT_8080),
+    );
+    eventually("policy enforced", || !tcp(&s.other, v6, 8080));
+    let other = identity_of(&s.node, "other");
+    let server = identity_of(&s.node, "server");
+    assert_ne!(other, server);
+    let flows = observed(&s.node, &["--verdict", "dropped", "--pod", "other"]);
+    let flow = flows
+        .iter()
+        .find(|f| f["destination"]["port"] == 8080 && f["protocol"] == "TCP")
+        .unwrap_or_else(|| panic!("no dropped TCP flow other -> server:8080 in {flows:?}"));
+    assert_eq!(flow["drop_reason"], "policy-denied", "{flow}");
+    assert_eq!(flow["direction"], "ingress", "{flow}");
+    assert_eq!(flow["endpoint"], "shop/server", "{flow}");
+    assert_eq!(flow["source"]["name"], "shop/other", "{flow}");
+    assert_eq!(flow["source"]["identity"], other, "{flow}");
+    assert_eq!(flow["destination"]["identity"], server, "{flow}");
+    assert_eq!(flow["destination"]["ip"], v6.to_string(), "{flow}");
+    let labels = flow["source"]["labels"].to_string();
+    assert!(labels.contains("app=other"), "labels shown: {labels}");
+}
+
+#[test]
+fn bpftool_shows_named_fields_of_the_policy_map() {
+    let Some(s) = shop("bpftool_shows_named_fields_of_the_policy_map") else {
+        return;
+    };
+    s.node.apply(
+        "server.yaml",
+        &policy("server-in", SERVER_ALLOWS_CLIENT_8080),
+    );
+    eventually("policy entries written", || {
+        json(&s.node.weft_ok(&["-o", "json", "status"]))["policy_map_entries"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    });
+    let map = s.node.bpffs_dir().join("policy");
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(&map)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for field in [
+        "endpoint_id",
+        "identity",
+        "direction",
+        "protocol",
+        "dport",
+        "verdict",
+    ] {
+        assert!(text.contains(field), "bpftool output names {field}: {text}");
+    }
+    let _ = &s.client;
+}
+
+#[test]
+fn a_restarted_agent_adopts_pinned_state_without_a_gap() {
+    let Some(mut s) = shop("a_restarted_agent_adopts_pinned_state_without_a_gap") else {
+        return;
+    };
+    let v4 = s.server.ipv4;
+    s.node.apply(
+        "server.yaml",
+        &policy("server-in", SERVER_ALLOWS_CLIENT_8080),
+    );
+    eventually("policy enforced", || !tcp(&s.client, v4, 9090));
+    let entries_before = json(&s.node.weft_ok(&["-o", "json", "status"]))["policy_map_entries"]
+        .as_u64()
+        .expect("entries");
+    let mut conn = s.client.tcp_connect(v4, 8080, T).expect("connect");
+    tcp_roundtrip(&mut conn, b"one\n").expect("echo");
+
+    s.node.stop_agent();
+    // Agent gone: the pinned programs keep enforcing the last policy.
+    tcp_roundtrip(&mut conn, b"two\n").expect("established connection survives the stop");
+    assert!(
+        tcp(&s.client, v4, 8080),
+        "allowed traffic flows with the agent down"
+    );
+    assert!(
+        !tcp(&s.client, v4, 9090),
+        "enforcement does not lapse with the agent down"
+    );
+    assert!(!tcp(&s.other, v4, 8080), "fail closed with the agent down");
+
+    s.node.start_agent();
+    tcp_roundtrip(&mut conn, b"three\n").expect("established connection survives the restart");
+    assert!(
+        !tcp(&s.client, v4, 9090),
+        "still enforced after the restart"
+    );
+    assert!(tcp(&s.client, v4, 8080), "still allowed after the restart");
+    let status = json(&s.node.weft_ok(&["-o", "json", "status"]));
+    assert_eq!(status["endpoints"], 3, "endpoints adopted: {status}");
+    assert_eq!(
+        status["policy_map_entries"].as_u64(),
+        Some(entries_before),
+        "same policy after adoption: {status}"
+    );
+    let log = s.node.log();
+    assert!(
+        log.contains("adopted_policy_entries"),
+        "the agent reports what it adopted: {log}"
+    );
+}

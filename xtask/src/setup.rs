@@ -1,0 +1,378 @@
+//! `cargo xtask setup`: make a fresh Debian machine ready to build and test weft.
+//!
+//! Idempotent and cheap when nothing is missing: each step checks first and only then acts.
+//! Steps: apt packages (with Debian's non-free component for netperf), rustfmt and clippy,
+//! `rust-src` for the nightly toolchain, bpf-linker built against nightly's own libLLVM
+//! (cached per LLVM major and nightly commit), and bpffs mounted at `/sys/fs/bpf`.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::cmd;
+
+/// Debian packages the build, the tests, the demo and the benchmarks use.
+const APT_PACKAGES: &[&str] = &[
+    "containernetworking-plugins",
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "socat",
+    "curl",
+    "iputils-ping",
+    "netperf",
+    "iperf3",
+    "procps",
+    "python3",
+    "util-linux",
+    "kmod",
+];
+
+/// Our apt source for Debian's non-free component (netperf lives there).
+const NON_FREE_SOURCES: &str = "/etc/apt/sources.list.d/weft-non-free.sources";
+/// The name a by-hand set-up used on some machines; treated as equivalent.
+const NON_FREE_SOURCES_ALT: &str = "/etc/apt/sources.list.d/weft-nonfree.sources";
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, Default, Args)]
+pub struct Options {
+    /// Skip the apt step (for machines where packages are managed elsewhere).
+    #[arg(long)]
+    pub skip_apt: bool,
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if opts.skip_apt {
+        eprintln!("setup: apt packages skipped (--skip-apt)");
+    } else {
+        apt_packages().context("installing apt packages")?;
+    }
+    stable_components().context("installing rustfmt and clippy")?;
+    nightly_rust_src().context("installing rust-src for the nightly toolchain")?;
+    bpf_linker().context("providing bpf-linker")?;
+    mount_bpffs().context("mounting bpffs")?;
+    eprintln!("setup: done");
+    Ok(())
+}
+
+// === apt ===
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing = missing_packages()?;
+    if missing.is_empty() {
+        eprintln!("setup: apt packages present");
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    if !is_root() {
+        bail!(
+            "packages missing ({}) and not running as root; run `cargo xtask setup` as root",
+            missing.join(" ")
+        );
+    }
+    if missing.contains(&"netperf") {
+        ensure_non_free_source()?;
+    }
+    cmd::run(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
+    // dpkg-query exits 1 when some package is unknown, but still prints the known ones.
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
+        .args(APT_PACKAGES)
+        .output()
+        .context("running dpkg-query (is this a Debian-based system?)")?;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let installed: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, status)| *status == "installed")
+        .map(|(name, _)| name)
+        .collect();
+    Ok(APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed.contains(p))
+        .collect())
+}
+
+/// Add Debian's non-free component unless some apt source already has it.
+fn ensure_non_free_source() -> anyhow::Result<()> {
+    if Path::new(NON_FREE_SOURCES).exists() || Path::new(NON_FREE_SOURCES_ALT).exists() {
+        return Ok(());
+    }
+    if apt_sources_text()
+        .split_whitespace()
+        .any(|w| w == "non-free")
+    {
+        return Ok(());
+    }
+    let codename = os_release_codename()?;
+    let text = format!(
+        "# Added by `cargo xtask setup` (weft): netperf is in Debian's non-free component.\n\
+         Types: deb\n\
+         URIs: http://deb.debian.org/debian\n\
+         Suites: {codename}\n\
+         Components: non-free\n\
+         Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    );
+    fs::write(NON_FREE_SOURCES, text).with_context(|| format!("writing {NON_FREE_SOURCES}"))?;
+    eprintln!("setup: added {NON_FREE_SOURCES}");
+    Ok(())
+}
+
+fn apt_sources_text() -> String {
+    let mut text = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
+        for entry in dir.flatten() {
+            let path = entry.path();
+            let is_source = path
+                .extension()
+                .is_some_and(|e| e == "list" || e == "sources");
+            if is_source {
+                text.push('\n');
+                text.push_str(&fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+    }
+    // Drop comments so a commented-out line does not count.
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn os_release_codename() -> anyhow::Result<String> {
+    let text = fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+        .context("/etc/os-release has no VERSION_CODENAME")
+}
+
+fn is_root() -> bool {
+    cmd::output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+}
+
+// === toolchains ===
+
+/// `.ci/run` runs `cargo fmt` and `cargo clippy`; a minimal rustup profile lacks both.
+fn stable_components() -> anyhow::Result<()> {
+    let fmt = cmd::succeeds(Command::new("cargo").args(["fmt", "--version"]));
+    let clippy = cmd::succeeds(Command::new("cargo").args(["clippy", "--version"]));
+    if fmt && clippy {
+        eprintln!("setup: rustfmt and clippy present");
+        return Ok(());
+    }
+    cmd::run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    if !cmd::succeeds(Command::new("rustc").args(["+nightly", "-V"])) {
+        eprintln!("setup: installing the nightly toolchain");
+        return cmd::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]));
+    }
+    let sysroot = nightly_sysroot()?;
+    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        eprintln!("setup: nightly rust-src present");
+        return Ok(());
+    }
+    cmd::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    let out = cmd::output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+// === bpf-linker ===
+
+/// What the cache key of a bpf-linker build is made of.
+struct NightlyLlvm {
+    major: String,
+    commit_short: String,
+    /// The nightly's own `libLLVM.so.<version>` file.
+    lib: PathBuf,
+}
+
+fn nightly_llvm() -> anyhow::Result<NightlyLlvm> {
+    let info = cmd::output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .with_context(|| format!("`rustc +nightly -vV` prints no `{name}`"))
+    };
+    let llvm = field("LLVM version:")?;
+    let major = llvm.split('.').next().unwrap_or_default().to_string();
+    let commit = field("commit-hash:")?;
+    let commit_short: String = commit.chars().take(9).collect();
+    let libdir = nightly_sysroot()?.join("lib");
+    let lib = fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .min()
+        .with_context(|| format!("no libLLVM.so.* in {}", libdir.display()))?;
+    Ok(NightlyLlvm {
+        major,
+        commit_short,
+        lib,
+    })
+}
+
+fn home() -> anyhow::Result<PathBuf> {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .context("HOME is not set")
+}
+
+fn cargo_home() -> anyhow::Result<PathBuf> {
+    match std::env::var_os("CARGO_HOME") {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => Ok(home()?.join(".cargo")),
+    }
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let llvm = nightly_llvm()?;
+    let cache = home()?.join(".cache/weft").join(format!(
+        "bpf-linker-llvm{}-{}",
+        llvm.major, llvm.commit_short
+    ));
+    let binary = cache.join("bin/bpf-linker");
+    let prefix_lib = cache.join("llvm-prefix/lib");
+
+    // The links are cheap: refresh them every time so a moved toolchain heals itself.
+    link_libllvm(&llvm.lib, &prefix_lib)?;
+
+    if cmd::succeeds(Command::new(&binary).arg("--version")) {
+        eprintln!("setup: bpf-linker cached at {}", binary.display());
+    } else {
+        eprintln!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {} of the nightly \
+             toolchain (about 70-100 s, once)",
+            llvm.major
+        );
+        let mut install = Command::new("cargo");
+        install
+            .args(["install", "bpf-linker", "--locked", "--force"])
+            .args(["--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{}", llvm.major))
+            .arg("--root")
+            .arg(&cache)
+            .env("LLVM_PREFIX", cache.join("llvm-prefix"))
+            // Let cargo install use its own temporary target dir.
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO");
+        cmd::run(&mut install)?;
+        if !cmd::succeeds(Command::new(&binary).arg("--version")) {
+            bail!("the freshly built {} does not run", binary.display());
+        }
+    }
+
+    // Point cargo's bin dir at the cached binary (replacing any older link or file there).
+    let bin_dir = cargo_home()?.join("bin");
+    fs::create_dir_all(&bin_dir)?;
+    let link = bin_dir.join("bpf-linker");
+    if fs::read_link(&link).ok().as_deref() != Some(binary.as_path()) {
+        if link.symlink_metadata().is_ok() {
+            fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+        }
+        symlink(&binary, &link).with_context(|| format!("linking {}", link.display()))?;
+        eprintln!("setup: {} -> {}", link.display(), binary.display());
+    }
+    Ok(())
+}
+
+/// `llvm-prefix/lib/libLLVM.so` (for bpf-linker's build) and `llvm-prefix/lib/<soname>` (the
+/// built binary's RUNPATH points here and it asks for the soname) both point at nightly's lib.
+fn link_libllvm(lib: &Path, prefix_lib: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(prefix_lib).with_context(|| format!("creating {}", prefix_lib.display()))?;
+    let file_name = lib
+        .file_name()
+        .context("libLLVM path has no file name")?
+        .to_string_lossy()
+        .into_owned();
+    let soname = soname(lib).unwrap_or_else(|| file_name.clone());
+    let mut names = vec!["libLLVM.so".to_string(), soname];
+    if !names.contains(&file_name) {
+        names.push(file_name);
+    }
+    for name in names {
+        let link = prefix_lib.join(&name);
+        if fs::read_link(&link).ok().as_deref() == Some(lib) {
+            continue;
+        }
+        if link.symlink_metadata().is_ok() {
+            fs::remove_file(&link)?;
+        }
+        symlink(lib, &link).with_context(|| format!("linking {}", link.display()))?;
+    }
+    Ok(())
+}
+
+/// The DT_SONAME of a shared library, via `readelf` when it is installed.
+fn soname(lib: &Path) -> Option<String> {
+    let out = cmd::output(Command::new("readelf").arg("-d").arg(lib)).ok()?;
+    out.lines()
+        .find(|l| l.contains("(SONAME)"))
+        .and_then(|l| l.split('[').nth(1))
+        .and_then(|s| s.split(']').next())
+        .map(str::to_string)
+}
+
+// === bpffs ===
+
+fn mount_bpffs() -> anyhow::Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, target, fstype) = (f.next(), f.next(), f.next());
+        target == Some(BPFFS) && fstype == Some("bpf")
+    });
+    if mounted {
+        eprintln!("setup: bpffs mounted at {BPFFS}");
+        return Ok(());
+    }
+    cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+}
