@@ -1,100 +1,116 @@
-//! `weft-cni` in the real CNI chain (`loopback`, `ptp` + `host-local`, `weft-cni`) against a
-//! stub agent on the node's socket: what the plugin tells the agent matches what ptp created,
-//! and DEL succeeds when the agent is gone. Needs no real agent, only the `weft-cni` binary.
+//! `weft-cni` in the real CNI chain (`loopback`, `ptp` + `host-local`, `weft-cni`) with the
+//! real agent: what the agent registers matches what ptp created, the datapath is attached to
+//! the host-side interface, CHECK and VERSION answer per the spec, and DEL is idempotent and
+//! succeeds when the agent is gone.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
-use std::os::unix::net::UnixListener;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use weft_tests::{Node, TestPrefix, bin_dir, skip_unless_privileged};
 
-/// Answers every request with `{"ok": null}` and records it.
-fn stub_agent(listener: UnixListener) -> Arc<Mutex<Vec<Value>>> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { return };
-            let mut writer = stream.try_clone().expect("clone stream");
-            let mut line = String::new();
-            if BufReader::new(stream).read_line(&mut line).unwrap_or(0) == 0 {
-                continue;
-            }
-            let request: Value = serde_json::from_str(&line).expect("request is JSON");
-            let stop = request["op"] == "stop-stub";
-            record.lock().expect("lock").push(request);
-            let _ = writer.write_all(b"{\"ok\":null}\n");
-            if stop {
-                return;
-            }
-        }
-    });
-    seen
+fn bpftool_json(args: &[&str]) -> Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool prints JSON")
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 #[test]
-fn weft_cni_reports_ptp_result_to_the_agent() {
-    if skip_unless_privileged("weft_cni_reports_ptp_result_to_the_agent") {
-        return;
-    }
-    if !bin_dir().join("weft-cni").exists() {
-        eprintln!(
-            "SKIPPED weft_cni_reports_ptp_result_to_the_agent: no weft-cni in {} (cargo xtask build)",
-            bin_dir().display()
-        );
+fn weft_cni_registers_the_ptp_result_with_the_agent() {
+    if skip_unless_privileged("weft_cni_registers_the_ptp_result_with_the_agent") {
         return;
     }
     let prefix = TestPrefix::new();
-    let node = Node::without_agent(&prefix, "n1");
-    let listener = UnixListener::bind(node.socket()).expect("bind stub agent socket");
-    let seen = stub_agent(listener);
-
+    let mut node = Node::start(&prefix, "n1");
     let pod = node.add_pod("web", "shop", &[("app", "web")]);
-    let add = seen.lock().expect("lock")[0].clone();
-    assert_eq!(add["op"], "cni-add", "{add}");
-    assert_eq!(add["pod_name"], "web");
-    assert_eq!(add["pod_namespace"], "shop");
-    assert_eq!(add["ifname"], "eth0");
-    assert_eq!(add["container_id"], pod.container_id());
-    assert_eq!(add["netns"], format!("/var/run/netns/{}", pod.netns_name));
-    assert_eq!(add["host_ifname"], pod.host_ifname.as_str());
-    let addresses: Vec<IpAddr> = add["addresses"]
+
+    let rows = json(&node.weft_ok(&["-o", "json", "endpoint", "list"]));
+    let row = rows
+        .as_array()
+        .expect("endpoint list is an array")
+        .iter()
+        .find(|r| r["pod"] == "web")
+        .unwrap_or_else(|| panic!("web not registered: {rows}"))
+        .clone();
+    assert_eq!(row["namespace"], "shop");
+    assert_eq!(row["host_ifname"], pod.host_ifname.as_str());
+    let addresses: Vec<IpAddr> = row["addresses"]
         .as_array()
         .expect("addresses")
         .iter()
-        .map(|a| {
-            a.as_str()
-                .and_then(|a| a.split('/').next())
-                .and_then(|a| a.parse().ok())
-                .expect("address is a CIDR")
-        })
+        .map(|a| a.as_str().and_then(|a| a.parse().ok()).expect("an address"))
         .collect();
-    assert_eq!(addresses, pod.ips().to_vec());
-    // The host-side interface the agent is told about exists in the node's namespace.
-    let link = node
-        .netns()
-        .exec("ip", &["link", "show", "dev", &pod.host_ifname]);
-    assert!(link.status.success(), "{}", pod.host_ifname);
-    // The Endpoint object was written for the agent's local source.
-    let endpoint = std::fs::read_to_string(node.source_dir().join("endpoint-shop-web.yaml"))
-        .expect("endpoint object");
-    assert!(endpoint.contains("kind: Endpoint") && endpoint.contains("\"app\": \"web\""));
+    assert_eq!(addresses, pod.ips().to_vec(), "the addresses ptp assigned");
+    let labels = row["labels"].to_string();
+    assert!(
+        labels.contains("app=web") && labels.contains("weft.io/namespace=shop"),
+        "identity labels from the Endpoint object: {labels}"
+    );
 
-    pod.cni_weft("CHECK").expect("CHECK succeeds");
-    assert_eq!(seen.lock().expect("lock")[1]["op"], "cni-check");
+    // Both programs sit on the host-side veth, through links pinned in the node's bpffs dir.
+    let mut attached = Vec::new();
+    for entry in std::fs::read_dir(node.bpffs_dir().join("links")).expect("links dir") {
+        let path = entry.expect("dir entry").path();
+        if !path.to_string_lossy().contains(&pod.host_ifname) {
+            continue;
+        }
+        let link = bpftool_json(&["link", "show", "pinned", &path.to_string_lossy()]);
+        let prog_id = link["prog_id"].to_string();
+        let prog = bpftool_json(&["prog", "show", "id", &prog_id]);
+        attached.push(prog["name"].as_str().unwrap_or_default().to_owned());
+    }
+    attached.sort();
+    assert_eq!(
+        attached,
+        ["from_pod", "to_pod"],
+        "programs on {}",
+        pod.host_ifname
+    );
 
-    // VERSION, straight from the binary.
+    pod.cni_weft("CHECK")
+        .expect("CHECK succeeds for a registered pod");
+
     let out = Command::new(bin_dir().join("weft-cni"))
         .env("CNI_COMMAND", "VERSION")
         .output()
         .expect("weft-cni VERSION");
     let version: Value = serde_json::from_slice(&out.stdout).expect("VERSION prints JSON");
-    assert_eq!(version["supportedVersions"][1], "1.0.0");
+    assert!(
+        version["supportedVersions"]
+            .as_array()
+            .expect("supportedVersions")
+            .iter()
+            .any(|v| v == "1.0.0"),
+        "{version}"
+    );
 
-    // With the agent gone, DEL still succeeds (DEL is idempotent per the spec).
-    std::fs::remove_file(node.socket()).expect("remove stub socket");
+    // DEL unregisters; a second DEL (and one with the agent gone) still succeeds.
+    pod.cni_weft("DEL").expect("DEL succeeds");
+    let rows = json(&node.weft_ok(&["-o", "json", "endpoint", "list"]));
+    assert!(
+        rows.as_array()
+            .expect("array")
+            .iter()
+            .all(|r| r["pod"] != "web"),
+        "DEL removed the endpoint: {rows}"
+    );
+    pod.cni_weft("DEL").expect("a repeated DEL succeeds");
+    node.stop_agent();
     pod.cni_weft("DEL").expect("DEL succeeds without an agent");
+    assert!(
+        pod.cni_weft("CHECK").is_err(),
+        "CHECK fails when the agent is unreachable"
+    );
 }

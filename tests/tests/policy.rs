@@ -483,9 +483,18 @@ fn a_restarted_agent_adopts_pinned_state_without_a_gap() {
         Some(entries_before),
         "same policy after adoption: {status}"
     );
+    // Incremental: the new agent found its policy in the pinned map and rewrote nothing.
     let log = s.node.log();
+    let second_run = log
+        .rsplit_once("datapath loaded")
+        .map(|(_, after)| after)
+        .expect("the agent logs its start");
     assert!(
-        log.contains("adopted_policy_entries"),
-        "the agent reports what it adopted: {log}"
+        second_run.contains(&format!("adopted_policy_entries={entries_before}")),
+        "the agent adopted the pinned policy: {second_run}"
+    );
+    assert!(
+        !second_run.contains("policy applied"),
+        "nothing had to be rewritten after the restart: {second_run}"
     );
 }

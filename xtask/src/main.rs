@@ -7,6 +7,7 @@
 
 mod build;
 mod cmd;
+mod gen_crds;
 mod setup;
 mod test;
 
@@ -27,6 +28,8 @@ enum Command {
     Build(build::Options),
     /// Set up, build the agent binaries, then run the whole workspace's tests.
     Test(test::Options),
+    /// Regenerate `crds/` from the policy model (`--check`: fail when stale).
+    GenCrds(gen_crds::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         Command::Setup(opts) => setup::run(&opts),
         Command::Build(opts) => build::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::GenCrds(opts) => gen_crds::run(&opts),
     }
 }
 
