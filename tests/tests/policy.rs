@@ -128,8 +128,7 @@ fn selection_isolates_and_an_allow_opens_exactly_its_port() {
     assert!(!tcp(&s.other, v4, 8080), "other pods are not allowed");
     assert!(!s.client.udp_probe(v4, 5353, T), "UDP is not allowed");
     assert!(!s.client.ping(v4), "a rule with ports does not allow ICMP");
-    // Egress of the server is not isolated, ingress of the client neither.
-    assert!(tcp(&s.server, s.client.ipv4, 8080) || !tcp(&s.server, s.client.ipv4, 8080));
+    // Only the server's ingress is isolated: its egress stays open.
     assert!(
         s.server.ping_retry(s.other.ipv4, 3),
         "server egress stays open"
@@ -436,7 +435,6 @@ fn bpftool_shows_named_fields_of_the_policy_map() {
     ] {
         assert!(text.contains(field), "bpftool output names {field}: {text}");
     }
-    let _ = &s.client;
 }
 
 #[test]
