@@ -558,7 +558,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
 
 /// Run the agent until SIGTERM/SIGINT. Pinned programs and maps stay behind on exit.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let (datapath, ring) = Datapath::load(&cfg.bpffs_dir, cfg.verbose)?;
+    let (datapath, channels) = Datapath::load(&cfg.bpffs_dir, cfg.verbose)?;
     let mut source = LocalSource::new(&cfg.source_dir, &cfg.state_dir)?;
     let (changed_tx, mut changed_rx) = mpsc::channel(1);
     source.watch(changed_tx)?;
@@ -575,8 +575,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let events_hub = hub.clone();
     let events = tokio::spawn(async move {
-        if let Err(e) = datapath::read_events(ring, |event| events_hub.record(&event)).await {
+        if let Err(e) =
+            datapath::read_events(channels.events, |event| events_hub.record(&event)).await
+        {
             warn!("flow events stopped: {e:#}");
+        }
+    });
+
+    let logs = tokio::spawn(async move {
+        if let Err(e) = datapath::forward_logs(channels.logger).await {
+            warn!("eBPF log forwarding stopped: {e:#}");
         }
     });
 
@@ -610,7 +618,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         _ = term.recv() => info!("SIGTERM: exiting; pinned programs keep enforcing"),
         _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting; pinned programs keep enforcing"),
     }
-    for task in [events, watcher, gc, server] {
+    for task in [events, logs, watcher, gc, server] {
         task.abort();
     }
     std::fs::remove_file(&socket).ok();

@@ -52,6 +52,12 @@ pub struct Datapath {
     policy_now: BTreeMap<RawPolicyKey, PolicyEntry>,
 }
 
+/// What the datapath sends to user space: flow events and the programs' log records.
+pub struct Channels {
+    pub events: RingBuf<MapData>,
+    pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+}
+
 /// The full contents the agent wants in the endpoints, ipcache and policy maps.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DesiredMaps {
@@ -76,7 +82,7 @@ pub struct SyncStats {
 
 impl Datapath {
     /// Load the programs, creating or adopting the pinned maps under `pin_dir`.
-    pub fn load(pin_dir: &Path, verbose: bool) -> anyhow::Result<(Self, RingBuf<MapData>)> {
+    pub fn load(pin_dir: &Path, verbose: bool) -> anyhow::Result<(Self, Channels)> {
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir.join("links"))
             .with_context(|| format!("creating {}", pin_dir.display()))?;
@@ -91,12 +97,15 @@ impl Datapath {
         if verbose {
             loader.verifier_log_level(VerifierLogLevel::VERBOSE | VerifierLogLevel::STATS);
         }
+        // aya-log levels: 1 error .. 5 trace. The programs log only on rare paths
+        // (unknown endpoint, malformed packet); debug ones only with --verbose.
+        let log_level: u8 = if verbose { 5 } else { 3 };
+        loader.override_global(aya_log::LEVEL, &log_level, false);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the weft eBPF object (maps)")?;
-        if let Err(e) = aya_log::EbpfLogger::init(&mut ebpf) {
-            debug!("eBPF programs carry no log map: {e}");
-        }
+        let logger =
+            aya_log::EbpfLogger::init(&mut ebpf).context("opening the eBPF log ring buffer")?;
         for name in [program_names::FROM_POD, program_names::TO_POD] {
             attach::load_program(&mut ebpf, name, verbose)?;
         }
@@ -128,7 +137,7 @@ impl Datapath {
             adopted_policy_entries = datapath.policy_now.len(),
             "datapath loaded"
         );
-        Ok((datapath, events))
+        Ok((datapath, Channels { events, logger }))
     }
 
     /// Fill the mirrors from the maps (after adopting pinned maps, they hold the last policy).
@@ -399,6 +408,23 @@ pub async fn read_events(
                 sink(event);
             }
         }
+        guard.clear_ready();
+    }
+}
+
+/// Forward the programs' aya-log records to the agent's log until the task is dropped.
+pub async fn forward_logs(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> anyhow::Result<()> {
+    // SAFETY: the AsyncFd owns the logger and with it the ring buffer's fd, which stays open
+    // and is not reused while registered.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .context("watching the eBPF log ring buffer")?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        guard.get_inner_mut().flush();
         guard.clear_ready();
     }
 }

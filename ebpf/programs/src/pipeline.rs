@@ -8,6 +8,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::TcContext,
 };
+use aya_log_ebpf::{debug, warn};
 use weft_common::{
     CtKey, DropReason, EndpointInfo, FlowEvent, IPCACHE_KEY_BITS, IpcacheKey, direction,
     flow_verdict, identity, metrics_index,
@@ -78,7 +79,7 @@ fn new_flow(
 
     // Fail closed: an interface we are attached to but know nothing about drops everything.
     let Some(ep) = ENDPOINTS.get_ptr(ifindex) else {
-        return Err(drop(&mut event, dir, len, DropReason::UnknownEndpoint));
+        return Err(drop_unknown_endpoint(ctx, &mut event, dir, len, ifindex));
     };
     // SAFETY: non-null value pointer from bpf_map_lookup_elem; copied out at once.
     let ep: EndpointInfo = unsafe { *ep };
@@ -131,10 +132,33 @@ fn drop(event: &mut FlowEvent, dir: u8, len: u32, reason: DropReason) -> i32 {
     TC_ACT_SHOT
 }
 
+/// A packet on an interface without an endpoint entry (a stale attachment or an agent bug):
+/// dropped, and logged through aya-log. Out of line: rare, and the log call is large.
+#[inline(never)]
+fn drop_unknown_endpoint(
+    ctx: &TcContext,
+    event: &mut FlowEvent,
+    dir: u8,
+    len: u32,
+    ifindex: u32,
+) -> i32 {
+    warn!(
+        ctx,
+        "no endpoint for ifindex {}: dropped (fail closed)", ifindex
+    );
+    drop(event, dir, len, DropReason::UnknownEndpoint)
+}
+
 /// A packet whose headers could not be parsed: no flow fields, only where and how long.
 /// Kept out of line: it is rare and its event is built from scratch.
 #[inline(never)]
 fn drop_malformed(ctx: &TcContext, dir: u8, len: u32) -> i32 {
+    debug!(
+        ctx,
+        "malformed packet of {} bytes on ifindex {}",
+        len,
+        ifindex(ctx)
+    );
     let mut event = FlowEvent {
         // SAFETY: helper without arguments.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
