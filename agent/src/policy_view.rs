@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 use weft_common::{PolicyEntry, endpoint_flags};
-use weft_policy::labels::format_labels;
+use weft_policy::labels::{format_labels, label_strings};
 use weft_policy::mapstate::Isolation;
 use weft_policy::model::Endpoint;
 use weft_policy::{
@@ -259,19 +259,7 @@ pub fn compute(inputs: &PolicyInputs<'_>, ids: &mut Identities) -> PolicyOutputs
     shown.extend(ids.cidrs.prefixes().values().copied());
     for id in shown {
         if let Some(labels) = weft_policy::identity::display_labels(id, &ids.pods, &ids.cidrs) {
-            out.identity_labels.insert(
-                id,
-                labels
-                    .iter()
-                    .map(|(k, v)| {
-                        if v.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{k}={v}")
-                        }
-                    })
-                    .collect(),
-            );
+            out.identity_labels.insert(id, label_strings(&labels));
         }
     }
 

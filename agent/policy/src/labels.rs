@@ -57,6 +57,11 @@ pub fn security_labels(
 
 /// `k=v,k2=v2` (a label with an empty value prints as just its key).
 pub fn format_labels(labels: &Labels) -> String {
+    label_strings(labels).join(",")
+}
+
+/// Each label as `k=v` (or `k` when the value is empty), in key order.
+pub fn label_strings(labels: &Labels) -> Vec<String> {
     labels
         .iter()
         .map(|(k, v)| {
@@ -66,8 +71,7 @@ pub fn format_labels(labels: &Labels) -> String {
                 format!("{k}={v}")
             }
         })
-        .collect::<Vec<_>>()
-        .join(",")
+        .collect()
 }
 
 #[cfg(test)]
