@@ -496,3 +496,60 @@ fn a_restarted_agent_adopts_pinned_state_without_a_gap() {
         "nothing had to be rewritten after the restart: {second_run}"
     );
 }
+
+#[test]
+fn entities_and_cidrs_select_the_node_and_outside_addresses() {
+    let Some(s) = shop("entities_and_cidrs_select_the_node_and_outside_addresses") else {
+        return;
+    };
+    // ptp gives the host side of every pod's veth the subnet's first address: the node.
+    let subnet = s.node.pod_subnet_v4();
+    let gateway: IpAddr = subnet
+        .split('/')
+        .next()
+        .and_then(|net| net.rsplit_once('.'))
+        .map(|(head, _)| format!("{head}.1"))
+        .and_then(|a| a.parse().ok())
+        .expect("gateway address of the pod subnet");
+    assert!(
+        s.client.ping_retry(gateway, 3),
+        "no policy: the node answers"
+    );
+
+    let spec = "  endpointSelector:
+    matchLabels: {app: client}
+  egress:
+  - toEntities: [host]
+  - toCIDR: [198.51.100.0/24]
+";
+    s.node.apply("client.yaml", &policy("client-out", spec));
+    eventually("client egress isolated", || !s.client.ping(s.server.ipv4));
+    assert!(
+        s.client.ping_retry(gateway, 3),
+        "toEntities: host reaches the node"
+    );
+    assert!(
+        !tcp(&s.client, s.server.ipv4, 8080),
+        "pods are not the host entity"
+    );
+    let identities = json(&s.node.weft_ok(&["-o", "json", "identity", "list"]));
+    assert!(
+        identities
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|i| i["labels"].to_string().contains("cidr:198.51.100.0/24")),
+        "the CIDR got an identity: {identities}"
+    );
+    let status = json(&s.node.weft_ok(&["-o", "json", "policy", "get"]));
+    assert!(
+        status["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .any(|e| e["derived_from"]
+                .to_string()
+                .contains("client-out egress[1]")),
+        "entries say which rule they came from: {status}"
+    );
+}
