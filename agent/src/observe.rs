@@ -179,7 +179,7 @@ fn enrich(event: &FlowEvent, names: &NameTable, wall_offset: Duration) -> Flow {
 /// One line per flow, as `weft observe` prints it.
 pub fn format_flow(flow: &Flow) -> String {
     let endpoint = |p: &FlowPeer| match p.port {
-        Some(port) => format!("{} ({}:{port})", p.name, p.ip),
+        Some(port) => format!("{} ({})", p.name, std::net::SocketAddr::new(p.ip, port)),
         None => format!("{} ({})", p.name, p.ip),
     };
     let detail = if let Some(icmp) = &flow.icmp {

@@ -34,6 +34,13 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 /// Router solicitation .. redirect: neighbour discovery, always passed.
 const ICMPV6_NDP_FIRST: u8 = 133;
 const ICMPV6_NDP_LAST: u8 = 137;
+/// Multicast listener query, report, done (MLDv1) and MLDv2 report: link-local control
+/// traffic the kernel sends on every link, always passed like neighbour discovery.
+const ICMPV6_MLD_FIRST: u8 = 130;
+const ICMPV6_MLD_LAST: u8 = 132;
+const ICMPV6_MLD2_REPORT: u8 = 143;
+/// IPv6 hop-by-hop options header (MLD carries one for its router alert).
+const IPV6_HOP_BY_HOP: u8 = 0;
 
 /// The flow tuple of one packet, as the packet carries it (source and destination, not yet
 /// relative to the endpoint).
@@ -144,8 +151,15 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, Malformed> {
     if ver >> 4 != 6 {
         return Err(Malformed);
     }
-    // No extension-header walk: the next header is the protocol (ports 0 when it is not L4).
-    let protocol: u8 = load(ctx, ETH_HLEN + 6)?;
+    // Only a hop-by-hop header is skipped (one level, no loop); any other extension header
+    // is the protocol as far as policy goes (ports 0).
+    let mut protocol: u8 = load(ctx, ETH_HLEN + 6)?;
+    let mut l4_off = ETH_HLEN + IPV6_HLEN;
+    if protocol == IPV6_HOP_BY_HOP {
+        let [next, units]: [u8; 2] = load(ctx, l4_off)?;
+        protocol = next;
+        l4_off += (usize::from(units) + 1) * 8;
+    }
     let src: [u32; 4] = load(ctx, ETH_HLEN + 8)?;
     let dst: [u32; 4] = load(ctx, ETH_HLEN + 24)?;
     let mut pkt = Packet {
@@ -158,7 +172,7 @@ fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, Malformed> {
         ip_version: 6,
         tcp_flags: 0,
     };
-    if parse_l4(ctx, ETH_HLEN + IPV6_HLEN, IPPROTO_ICMPV6, &mut pkt)? {
+    if parse_l4(ctx, l4_off, IPPROTO_ICMPV6, &mut pkt)? {
         return Ok(Parsed::Pass);
     }
     Ok(Parsed::Ip(pkt))
@@ -200,7 +214,11 @@ fn parse_l4(
             let h = ptr_at::<[u8; ICMP_HLEN]>(ctx, off)?.cast::<u8>();
             // SAFETY: as above.
             let (ty, code, id) = unsafe { (*h, *h.add(1), *h.add(4).cast::<u16>()) };
-            if icmp_proto == IPPROTO_ICMPV6 && (ICMPV6_NDP_FIRST..=ICMPV6_NDP_LAST).contains(&ty) {
+            if icmp_proto == IPPROTO_ICMPV6
+                && ((ICMPV6_NDP_FIRST..=ICMPV6_NDP_LAST).contains(&ty)
+                    || (ICMPV6_MLD_FIRST..=ICMPV6_MLD_LAST).contains(&ty)
+                    || ty == ICMPV6_MLD2_REPORT)
+            {
                 return Ok(true);
             }
             pkt.policy_port = u16::from_ne_bytes([ty, code]);
