@@ -18,7 +18,7 @@ mod prefix;
 mod probe;
 
 pub use netns::{NetNs, in_netns};
-pub use node::{Node, bin_dir};
+pub use node::{Node, bin_dir, set_bin_dir};
 pub use pod::Pod;
 pub use prefix::{TestPrefix, sweep_stale};
 pub use probe::tcp_roundtrip;

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -21,9 +21,23 @@ const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an agent may take to exit after SIGTERM before it gets SIGKILL.
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The directory holding `weft-agent`, `weft` and `weft-cni`: `$WEFT_BIN_DIR`, else the target
-/// dir of this test binary (`target/debug/deps/<test>` -> `target/debug`).
+/// Set by [`set_bin_dir`]; wins over everything else.
+static BIN_DIR_OVERRIDE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Make [`bin_dir`] return `dir` for the rest of this process, for tools that are not test
+/// binaries (`cargo xtask bench` runs the release binaries). Only the first call counts; returns
+/// the directory in force.
+pub fn set_bin_dir(dir: PathBuf) -> PathBuf {
+    BIN_DIR_OVERRIDE.get_or_init(|| dir).clone()
+}
+
+/// The directory holding `weft-agent`, `weft` and `weft-cni`: the one given to [`set_bin_dir`],
+/// else `$WEFT_BIN_DIR`, else the target dir of this test binary
+/// (`target/debug/deps/<test>` -> `target/debug`).
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = BIN_DIR_OVERRIDE.get() {
+        return dir.clone();
+    }
     if let Some(dir) = std::env::var_os("WEFT_BIN_DIR") {
         return PathBuf::from(dir);
     }

@@ -351,7 +351,8 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
         .with_context(|| format!("the eBPF object has no map named {name}"))
 }
 
-/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns` (and, a tick behind at most, of
+/// `bpf_ktime_get_coarse_ns`, which conntrack uses).
 pub fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
@@ -386,6 +387,10 @@ fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the agent drains the event ring: the programs skip the wakeup per event (it is
+/// the main cost of a new flow in the datapath) and only wake us when the ring fills up.
+const EVENTS_DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Read flow events from the ring buffer until the task is dropped, handing each to `sink`.
 pub async fn read_events(
     ring: RingBuf<MapData>,
@@ -398,17 +403,25 @@ pub async fn read_events(
     }
     .context("watching the events ring buffer")?;
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<FlowEvent>() {
-                // SAFETY: the record is at least one FlowEvent long; FlowEvent is plain data
-                // for which every bit pattern is valid; read_unaligned makes no alignment claim.
-                let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
-                sink(event);
+        match tokio::time::timeout(EVENTS_DRAIN_INTERVAL, fd.readable_mut()).await {
+            Ok(guard) => {
+                let mut guard = guard?;
+                drain_events(guard.get_inner_mut(), &mut sink);
+                guard.clear_ready();
             }
+            Err(_elapsed) => drain_events(fd.get_mut(), &mut sink),
         }
-        guard.clear_ready();
+    }
+}
+
+fn drain_events(ring: &mut RingBuf<MapData>, sink: &mut impl FnMut(FlowEvent)) {
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<FlowEvent>() {
+            // SAFETY: the record is at least one FlowEvent long; FlowEvent is plain data for
+            // which every bit pattern is valid; read_unaligned makes no alignment claim.
+            let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
+            sink(event);
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -26,15 +26,22 @@ use crate::{
 #[inline(always)]
 pub fn process(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     let len = ctx.len();
-    ensure_headers_linear(ctx, len);
     let pkt = match parse::parse(ctx) {
         Ok(Parsed::Ip(pkt)) => pkt,
         Ok(Parsed::Pass) => return Ok(TC_ACT_OK),
-        Err(parse::Malformed) => return Err(drop_malformed(ctx, dir, len)),
+        // Headers beyond the linear part of the skb: pull them in and parse again. Rare, so
+        // the common path never pays for bpf_skb_pull_data (which copies cloned heads).
+        Err(parse::Malformed) => match pull_headers(ctx, len).and_then(|()| parse::parse(ctx)) {
+            Ok(Parsed::Ip(pkt)) => pkt,
+            Ok(Parsed::Pass) => return Ok(TC_ACT_OK),
+            Err(parse::Malformed) => return Err(drop_malformed(ctx, dir, len)),
+        },
     };
     let key = conntrack::key(&pkt, dir);
+    // The coarse clock (one tick of resolution) is all conntrack lifetimes need, and it is a
+    // plain read, unlike the clocksource behind bpf_ktime_get_ns.
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if conntrack::refresh(&key.0, dir, pkt.tcp_flags, len, now) {
         events::count(metrics_index(DropReason::None as u8, dir, false), len);
         return Ok(TC_ACT_OK);
@@ -42,20 +49,21 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     new_flow(ctx, dir, &pkt, &key.0, len, now)
 }
 
-/// Direct packet access sees only the linear part of the skb. When the headers we parse
-/// may lie beyond it, pull them in (rare on veth: the stack builds headers linear).
-#[inline(always)]
-fn ensure_headers_linear(ctx: &TcContext, len: u32) {
+/// Pull the headers we parse into the linear part; `Malformed` when the packet has no more
+/// than its linear part (it is truncated, not fragmented). Out of line and returning no
+/// struct: BPF subprograms cannot hand back pointers into their own stack.
+#[inline(never)]
+fn pull_headers(ctx: &TcContext, len: u32) -> Result<(), parse::Malformed> {
     let linear = (ctx.data_end() - ctx.data()) as u32;
-    if linear < MAX_PARSE_LEN && len > linear {
-        let want = if len < MAX_PARSE_LEN {
-            len
-        } else {
-            MAX_PARSE_LEN
-        };
-        // On failure the parser reports what is still missing as malformed.
-        let _ = ctx.pull_data(want);
+    if len <= linear {
+        return Err(parse::Malformed);
     }
+    let want = if len < MAX_PARSE_LEN {
+        len
+    } else {
+        MAX_PARSE_LEN
+    };
+    ctx.pull_data(want).map_err(|_| parse::Malformed)
 }
 
 #[inline(always)]
