@@ -219,8 +219,13 @@ impl Agent {
                 continue;
             };
             for net in &ep.addresses {
+                // The ifindex lets from_pod deliver pod-to-pod traffic straight to this pod.
+                let local = IpcacheEntry {
+                    ifindex: ep.ifindex,
+                    ..entry(id)
+                };
                 want.ipcache
-                    .insert(datapath::host_ipcache_key(net.addr()), entry(id));
+                    .insert(datapath::host_ipcache_key(net.addr()), local);
             }
             let isolation = outputs.isolation.get(&ep.id).copied().unwrap_or_default();
             want.endpoints.insert(
@@ -319,7 +324,8 @@ impl Agent {
         info!(pod = %record.pod(), id = record.id, "endpoint deleted");
         self.datapath.detach(&record.host_ifname, record.ifindex)?;
         self.reconcile()?;
-        self.datapath.conntrack_purge_endpoint(record.id);
+        self.datapath
+            .conntrack_purge_endpoint(record.id, record.ifindex);
         self.persist_endpoints()
     }
 

@@ -269,14 +269,17 @@ impl Datapath {
         Ok((live, removed))
     }
 
-    /// Forget the connections of a deleted endpoint, so that a pod that later gets the same
-    /// address starts without them.
-    pub fn conntrack_purge_endpoint(&mut self, endpoint_id: u32) -> usize {
+    /// Forget the connections of a deleted endpoint, and the local flows of other pods that
+    /// were delivered to its interface, so that a pod that later gets the same address or
+    /// ifindex starts without them.
+    pub fn conntrack_purge_endpoint(&mut self, endpoint_id: u32, ifindex: u32) -> usize {
         let doomed: Vec<CtKey> = self
             .conntrack
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, entry)| entry.endpoint_id == endpoint_id)
+            .filter(|(_, entry)| {
+                entry.endpoint_id == endpoint_id || entry.redirect_ifindex == ifindex
+            })
             .map(|(key, _)| key)
             .collect();
         doomed

@@ -99,6 +99,9 @@ pub struct IpcacheEntry {
     pub encrypt_key: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// For a pod on this node: the ifindex of its host-side interface, which `from_pod`
+    /// delivers local pod-to-pod traffic to directly; 0 otherwise.
+    pub ifindex: u32,
 }
 
 // === policy: LPM over (endpoint, identity, direction, protocol, port) ===
@@ -180,7 +183,8 @@ pub mod ct_flags {
     pub const ORIGIN_EGRESS: u32 = 1 << 0;
     /// The peer opened the connection (ingress policy allowed it).
     pub const ORIGIN_INGRESS: u32 = 1 << 1;
-    /// A packet in the reply direction was seen.
+    /// A packet in the reply direction was seen (set from the start for local pod-to-pod
+    /// flows, whose replies go straight into the pod and pass no hook of this endpoint).
     pub const REPLY_SEEN: u32 = 1 << 2;
     /// FIN or RST seen: short lifetime.
     pub const CLOSING: u32 = 1 << 3;
@@ -204,6 +208,12 @@ pub struct CtEntry {
     /// The [`verdict`] that created the entry.
     pub verdict: u8,
     pub _pad: [u8; 3],
+    /// Local pod-to-pod flows: the host-side ifindex of the other pod. `from_pod` delivers
+    /// this endpoint's packets of the flow straight into that pod (`bpf_redirect_peer`),
+    /// skipping the node's routing and the other pod's `to_pod`, so the other pod's ingress
+    /// verdict is taken when the flow starts and both pods get an entry then. 0 otherwise.
+    pub redirect_ifindex: u32,
+    pub _pad2: u32,
 }
 
 pub const NS_PER_SEC: u64 = 1_000_000_000;
@@ -353,11 +363,11 @@ pub struct MetricValue {
 const _: () = {
     assert!(core::mem::size_of::<EndpointInfo>() == 16);
     assert!(core::mem::size_of::<IpcacheKey>() == 16);
-    assert!(core::mem::size_of::<IpcacheEntry>() == 12);
+    assert!(core::mem::size_of::<IpcacheEntry>() == 16);
     assert!(core::mem::size_of::<PolicyKey>() == 12);
     assert!(core::mem::size_of::<PolicyEntry>() == 4);
     assert!(core::mem::size_of::<CtKey>() == 40);
-    assert!(core::mem::size_of::<CtEntry>() == 48);
+    assert!(core::mem::size_of::<CtEntry>() == 56);
     assert!(core::mem::size_of::<FlowEvent>() == 72);
     assert!(core::mem::size_of::<MetricValue>() == 16);
     assert!((METRICS_AUDIT_BASE as usize) >= (DropReason::MAX as usize + 1) * 2);

@@ -40,14 +40,12 @@ pub fn key(pkt: &Packet, dir: u8) -> Aligned<CtKey> {
     })
 }
 
-/// Fast path. When `key` has a live entry, accounts the packet on it and returns true.
-/// Returns false on a miss or when the entry has outlived its lifetime (it is then
-/// overwritten by [`create`] if the flow is still allowed).
+/// Fast path. When `key` has a live entry, accounts the packet on it and returns the
+/// entry's `redirect_ifindex` (0: no redirect). `None` on a miss or when the entry has
+/// outlived its lifetime (it is then overwritten by [`create`] if the flow is still allowed).
 #[inline(always)]
-pub fn refresh(key: &CtKey, dir: u8, tcp_flags: u8, len: u32, now: u64) -> bool {
-    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
-        return false;
-    };
+pub fn refresh(key: &CtKey, dir: u8, tcp_flags: u8, len: u32, now: u64) -> Option<u32> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a non-null value pointer from bpf_map_lookup_elem, valid for this program run.
     // Other CPUs may update the same entry concurrently; lost counter increments are
     // accepted (plain adds, as in Cilium).
@@ -57,7 +55,7 @@ pub fn refresh(key: &CtKey, dir: u8, tcp_flags: u8, len: u32, now: u64) -> bool 
         // saturating: another CPU may have stored a later timestamp than our `now`.
         let idle = now.saturating_sub(last_seen);
         if idle > ct_lifetime_ns(key.protocol, flags) {
-            return false;
+            return None;
         }
         (*entry).packets += 1;
         (*entry).bytes += u64::from(len);
@@ -80,12 +78,14 @@ pub fn refresh(key: &CtKey, dir: u8, tcp_flags: u8, len: u32, now: u64) -> bool 
         if idle > CT_REFRESH_NS {
             (*entry).last_seen_ns = now;
         }
+        Some((*entry).redirect_ifindex)
     }
-    true
 }
 
 /// Records a new flow that `decision` let pass (possibly only in audit mode) at `dir`.
+/// `redirect_ifindex` is the other pod's host-side ifindex for a local pod-to-pod flow.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn create(
     key: &CtKey,
     dir: u8,
@@ -94,6 +94,7 @@ pub fn create(
     decision: &Decision,
     peer_identity: u32,
     endpoint_id: u32,
+    redirect_ifindex: u32,
 ) {
     let mut flags = if dir == direction::EGRESS {
         ct_flags::ORIGIN_EGRESS
@@ -102,6 +103,10 @@ pub fn create(
     };
     if decision.audit {
         flags |= ct_flags::AUDIT;
+    }
+    if redirect_ifindex != 0 {
+        // Replies go straight into this pod and never pass one of its hooks.
+        flags |= ct_flags::REPLY_SEEN;
     }
     // CtEntry is 8-byte aligned already (u64 fields): no `Aligned` wrapper needed.
     let entry = CtEntry {
@@ -114,6 +119,8 @@ pub fn create(
         endpoint_id,
         verdict: decision.verdict,
         _pad: [0; 3],
+        redirect_ifindex,
+        _pad2: 0,
     };
     // A full LRU evicts; any other failure only costs a policy lookup on the next packet.
     let _ = CONNTRACK.insert(key, entry, 0);

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, generated::bpf_redirect_peer},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -42,11 +42,26 @@ pub fn process(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
     // plain read, unlike the clocksource behind bpf_ktime_get_ns.
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if conntrack::refresh(&key.0, dir, pkt.tcp_flags, len, now) {
+    if let Some(redirect) = conntrack::refresh(&key.0, dir, pkt.tcp_flags, len, now) {
         events::count(metrics_index(DropReason::None as u8, dir, false), len);
+        // A local pod-to-pod flow leaving its pod: straight into the other pod. (Only tc
+        // ingress can redirect to a peer; `to_pod` never needs to.)
+        if redirect != 0 && dir == direction::EGRESS {
+            return Ok(redirect_peer(redirect));
+        }
         return Ok(TC_ACT_OK);
     }
     new_flow(ctx, dir, &pkt, &key.0, len, now)
+}
+
+/// Deliver the packet into the pod behind the host-side interface `ifindex`, past that
+/// interface's own hooks and the node's routing (as Cilium's local delivery does). The frame
+/// keeps its MAC addresses: the pod's stack takes it as addressed to it (the redirect marks it
+/// PACKET_HOST), and leaving it unwritten spares copying cloned TCP heads.
+#[inline(always)]
+fn redirect_peer(ifindex: u32) -> i32 {
+    // SAFETY: helper taking scalars only.
+    unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
 }
 
 /// Pull the headers we parse into the linear part; `Malformed` when the packet has no more
@@ -98,9 +113,9 @@ fn new_flow(
             addr: key.remote_addr,
         },
     ));
-    let peer = match IPCACHE.get(&remote.0) {
-        Some(entry) => entry.identity,
-        None => identity::WORLD,
+    let (peer, peer_ifindex) = match IPCACHE.get(&remote.0) {
+        Some(entry) => (entry.identity, entry.ifindex),
+        None => (identity::WORLD, 0),
     };
     event.endpoint_id = ep.endpoint_id;
     if dir == direction::EGRESS {
@@ -115,19 +130,92 @@ fn new_flow(
     if !decision.pass {
         return Err(drop(&mut event, dir, len, decision.reason));
     }
-    conntrack::create(key, dir, len, now, &decision, peer, ep.endpoint_id);
+    report_pass(&mut event, &decision, dir, len);
+    // To a pod of this node, seen leaving its source: the destination's ingress policy is
+    // decided here too, and the packet is delivered into it directly.
+    let redirect = if dir == direction::EGRESS && peer_ifindex != 0 {
+        deliver_local(pkt, &mut event, peer_ifindex, ifindex, len, now)?
+    } else {
+        0
+    };
+    conntrack::create(
+        key,
+        dir,
+        len,
+        now,
+        &decision,
+        peer,
+        ep.endpoint_id,
+        redirect,
+    );
+    if redirect != 0 {
+        return Ok(redirect_peer(redirect));
+    }
+    Ok(TC_ACT_OK)
+}
+
+/// The destination side of a new local pod-to-pod flow: its ingress verdict (reported as an
+/// ingress event of that pod, reusing the source's `event`) and its conntrack entry, which
+/// points back at the source so that replies are delivered the same way. Returns the
+/// destination's host ifindex to redirect to, or 0 when it has no endpoint entry (then the
+/// packet takes the routed path and meets `to_pod` there).
+#[inline(always)]
+fn deliver_local(
+    pkt: &Packet,
+    event: &mut FlowEvent,
+    dst_ifindex: u32,
+    src_ifindex: u32,
+    len: u32,
+    now: u64,
+) -> Result<u32, i32> {
+    let Some(dst) = ENDPOINTS.get_ptr(dst_ifindex) else {
+        return Ok(0);
+    };
+    // SAFETY: non-null value pointer from bpf_map_lookup_elem; copied out at once.
+    let dst: EndpointInfo = unsafe { *dst };
+    let src_identity = event.src_identity;
+    event.direction = direction::INGRESS;
+    event.endpoint_id = dst.endpoint_id;
+    event.ifindex = dst_ifindex;
+    let decision = policy::decide(
+        &dst,
+        src_identity,
+        direction::INGRESS,
+        pkt.protocol,
+        pkt.policy_port,
+    );
+    if !decision.pass {
+        return Err(drop(event, direction::INGRESS, len, decision.reason));
+    }
+    report_pass(event, &decision, direction::INGRESS, len);
+    let key = conntrack::key(pkt, direction::INGRESS);
+    conntrack::create(
+        &key.0,
+        direction::INGRESS,
+        len,
+        now,
+        &decision,
+        src_identity,
+        dst.endpoint_id,
+        src_ifindex,
+    );
+    Ok(dst_ifindex)
+}
+
+/// Reports and counts a passed new flow (allowed, or audited).
+#[inline(always)]
+fn report_pass(event: &mut FlowEvent, decision: &policy::Decision, dir: u8, len: u32) {
     event.verdict = if decision.audit {
         flow_verdict::AUDIT
     } else {
         flow_verdict::FORWARDED
     };
     event.drop_reason = decision.reason as u8;
-    events::emit(&event);
+    events::emit(event);
     events::count(
         metrics_index(decision.reason as u8, dir, decision.audit),
         len,
     );
-    Ok(TC_ACT_OK)
 }
 
 /// Reports and counts a drop; returns the tc action.
