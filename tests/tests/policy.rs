@@ -553,3 +553,35 @@ fn entities_and_cidrs_select_the_node_and_outside_addresses() {
         "entries say which rule they came from: {status}"
     );
 }
+
+#[test]
+fn the_node_reaches_its_isolated_pods_and_routed_traffic_is_checked_at_to_pod() {
+    let Some(s) =
+        shop("the_node_reaches_its_isolated_pods_and_routed_traffic_is_checked_at_to_pod")
+    else {
+        return;
+    };
+    let [v4, v6] = s.server.ips();
+    // Nothing but the client may reach the server; the node is exempt (health checks).
+    s.node.apply(
+        "server.yaml",
+        &policy("server-in", SERVER_ALLOWS_CLIENT_8080),
+    );
+    eventually("server isolated", || !tcp(&s.other, v4, 8080));
+    let ping = |addr: IpAddr| {
+        s.node
+            .netns()
+            .exec("ping", &["-c1", "-W1", "-n", &addr.to_string()])
+            .status
+            .success()
+    };
+    assert!(ping(v4), "the node reaches its isolated pod (v4)");
+    assert!(ping(v6), "the node reaches its isolated pod (v6)");
+    let from_node = observed(&s.node, &["--verdict", "forwarded", "--pod", "server"]);
+    assert!(
+        from_node
+            .iter()
+            .any(|f| f["source"]["name"] == "host" && f["direction"] == "ingress"),
+        "node -> pod flows are checked by to_pod with the host identity: {from_node:?}"
+    );
+}

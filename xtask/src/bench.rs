@@ -46,7 +46,7 @@ pub struct Options {
     #[arg(long, default_value_t = 5)]
     pub seconds: u32,
     /// How many times each (test, pinning, configuration) runs.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub repeats: u32,
     /// Smoke run: 1 repeat of 2 s (overrides --seconds and --repeats).
     #[arg(long)]
