@@ -90,6 +90,22 @@ fn identity_of(node: &Node, pod: &str) -> u64 {
         .expect("identity is a number")
 }
 
+/// Poll `weft observe` (with `args`) until one flow satisfies `wanted`; all flows seen then.
+/// The agent drains the datapath's events every few tens of milliseconds.
+fn observed_until(
+    node: &Node,
+    args: &[&str],
+    what: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let mut flows = Vec::new();
+    eventually(what, || {
+        flows = observed(node, args);
+        flows.iter().any(&wanted)
+    });
+    flows
+}
+
 /// Flows from `weft observe -o json` (recent ones, no follow).
 fn observed(node: &Node, args: &[&str]) -> Vec<Value> {
     let mut all = vec!["-o", "json", "observe", "--last", "4096"];
@@ -168,12 +184,11 @@ fn deny_beats_allow() {
         "the allow still opens other ports"
     );
     assert!(tcp(&s.other, v4, 8080), "the deny names only client");
-    let drops = observed(&s.node, &["--verdict", "dropped", "--port", "8080"]);
-    assert!(
-        drops
-            .iter()
-            .any(|f| f["drop_reason"] == "policy-deny-rule" && f["source"]["name"] == "shop/client"),
-        "the drop is reported as policy-deny-rule: {drops:?}"
+    observed_until(
+        &s.node,
+        &["--verdict", "dropped", "--port", "8080"],
+        "the drop is reported as policy-deny-rule",
+        |f| f["drop_reason"] == "policy-deny-rule" && f["source"]["name"] == "shop/client",
     );
 }
 
@@ -288,13 +303,16 @@ fn audit_reports_would_be_drops_and_lets_them_pass() {
     });
     assert!(tcp(&s.other, v4, 9090), "audit lets the would-be drop pass");
     assert!(s.other.ping_retry(v4, 3), "audit lets ICMP pass");
-    let audited = observed(&s.node, &["--verdict", "audit"]);
     let other = identity_of(&s.node, "other");
-    assert!(
-        audited.iter().any(|f| f["destination"]["port"] == 9090
-            && f["source"]["identity"] == other
-            && f["drop_reason"] == "policy-denied"),
-        "the would-be drop is reported as audit/policy-denied: {audited:?}"
+    observed_until(
+        &s.node,
+        &["--verdict", "audit"],
+        "the would-be drop is reported as audit/policy-denied",
+        |f| {
+            f["destination"]["port"] == 9090
+                && f["source"]["identity"] == other
+                && f["drop_reason"] == "policy-denied"
+        },
     );
     assert!(
         observed(&s.node, &["--verdict", "dropped"]).is_empty(),
@@ -382,7 +400,12 @@ fn observe_shows_denied_flow_with_identities_and_reason() {
     let other = identity_of(&s.node, "other");
     let server = identity_of(&s.node, "server");
     assert_ne!(other, server);
-    let flows = observed(&s.node, &["--verdict", "dropped", "--pod", "other"]);
+    let flows = observed_until(
+        &s.node,
+        &["--verdict", "dropped", "--pod", "other"],
+        "the dropped flow is reported",
+        |f| f["destination"]["port"] == 8080 && f["protocol"] == "TCP",
+    );
     let flow = flows
         .iter()
         .find(|f| f["destination"]["port"] == 8080 && f["protocol"] == "TCP")
@@ -577,11 +600,10 @@ fn the_node_reaches_its_isolated_pods_and_routed_traffic_is_checked_at_to_pod() 
     };
     assert!(ping(v4), "the node reaches its isolated pod (v4)");
     assert!(ping(v6), "the node reaches its isolated pod (v6)");
-    let from_node = observed(&s.node, &["--verdict", "forwarded", "--pod", "server"]);
-    assert!(
-        from_node
-            .iter()
-            .any(|f| f["source"]["name"] == "host" && f["direction"] == "ingress"),
-        "node -> pod flows are checked by to_pod with the host identity: {from_node:?}"
+    observed_until(
+        &s.node,
+        &["--verdict", "forwarded", "--pod", "server"],
+        "node -> pod flows reported, checked at to_pod as identity host",
+        |f| f["source"]["name"] == "host" && f["direction"] == "ingress",
     );
 }
