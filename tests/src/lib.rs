@@ -20,7 +20,7 @@ mod probe;
 pub use netns::{NetNs, in_netns};
 pub use node::{Node, bin_dir, set_bin_dir};
 pub use pod::Pod;
-pub use prefix::{TestPrefix, sweep_stale};
+pub use prefix::{TestPrefix, agent_processes, sweep_stale};
 pub use probe::tcp_roundtrip;
 
 use std::path::Path;

@@ -356,6 +356,11 @@ impl Drop for Node {
         {
             eprintln!("cannot remove {}: {e}", self.bpffs_dir.display());
         }
+        // The agents' shared parent directory goes too once no node uses it (fails, as it
+        // should, while another test's node is still there).
+        if let Some(parent) = self.bpffs_dir.parent() {
+            let _ = fs::remove_dir(parent);
+        }
         if std::env::var_os("WEFT_KEEP").is_some_and(|v| v == "1") {
             eprintln!("WEFT_KEEP=1: keeping {}", self.info.dir.display());
         } else {

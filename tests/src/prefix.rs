@@ -124,38 +124,13 @@ pub fn sweep_stale() -> Vec<String> {
     let stale = |name: &str| harness_prefix(name).is_some_and(|p| !owner_alive(p));
 
     // Agents first (they hold the namespaces and pins).
-    if let Ok(procs) = fs::read_dir("/proc") {
-        for entry in procs.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|p| p.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let is_agent = args
-                .first()
-                .is_some_and(|a| a.ends_with("/weft-agent") || a == "weft-agent");
-            let node = args
-                .iter()
-                .position(|a| a == "--node")
-                .and_then(|i| args.get(i + 1));
-            if let (true, Some(node)) = (is_agent, node)
-                && stale(node)
-            {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                removed.push(format!("agent pid {pid} ({node})"));
-            }
+    for (pid, node) in agent_processes() {
+        if stale(&node) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            removed.push(format!("agent pid {pid} ({node})"));
         }
     }
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
@@ -192,6 +167,42 @@ pub fn sweep_stale() -> Vec<String> {
         }
     }
     removed
+}
+
+/// Running `weft-agent` processes with the node each serves (its `--node` argument), found by
+/// command line.
+pub fn agent_processes() -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_agent = args
+            .first()
+            .is_some_and(|a| a.ends_with("/weft-agent") || a == "weft-agent");
+        let node = args
+            .iter()
+            .position(|a| a == "--node")
+            .and_then(|i| args.get(i + 1));
+        if let (true, Some(node)) = (is_agent, node) {
+            found.push((pid, node.clone()));
+        }
+    }
+    found
 }
 
 #[cfg(test)]

@@ -990,6 +990,10 @@ fn teardown() -> Vec<String> {
             }
         }
     }
+    // The agents' shared bpffs parent, once no other node uses it.
+    if let Some(parent) = Path::new(BPFFS_DIR).parent() {
+        let _ = fs::remove_dir(parent);
+    }
     removed
 }
 
@@ -1018,34 +1022,12 @@ fn netns_pids(ns: &str) -> Vec<u32> {
 /// Running `weft-agent` processes of node `weft-demo-node`, found by command line (so also
 /// one whose state dir, with `agent.pid`, is gone).
 fn agent_pids() -> Vec<u32> {
-    let mut pids = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_agent = args
-            .first()
-            .is_some_and(|a| a.ends_with("/weft-agent") || a == "weft-agent");
-        let ours = args.windows(2).any(|w| w[0] == "--node" && w[1] == NODE);
-        if is_agent && ours && alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
+    weft_tests::agent_processes()
+        .into_iter()
+        .filter(|(_, node)| node == NODE)
+        .filter_map(|(pid, _)| u32::try_from(pid).ok())
+        .filter(|pid| alive(*pid))
+        .collect()
 }
 
 /// Whether `pid` exists and is not a zombie.
