@@ -26,11 +26,12 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Fields drop in order: the pods (CNI DEL inside the node's namespace) before the node.
 struct Shop {
-    node: Node,
     client: Pod,
     server: Pod,
     other: Pod,
+    node: Node,
 }
 
 /// One node with `client` (app=client), `server` (app=server, TCP echo on 8080 and 9090, UDP

@@ -95,7 +95,9 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         if verbose {
-            loader.verifier_log_level(VerifierLogLevel::VERBOSE | VerifierLogLevel::STATS);
+            // DEBUG, not VERBOSE: the full per-instruction log outgrows the kernel's log
+            // buffer, and older kernels then report ENOSPC instead of the real error.
+            loader.verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS);
         }
         // aya-log levels: 1 error .. 5 trace. The programs log only on rare paths
         // (unknown endpoint, malformed packet); debug ones only with --verbose.
