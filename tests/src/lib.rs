@@ -19,7 +19,7 @@ mod probe;
 
 pub use netns::{NetNs, in_netns};
 pub use node::{Node, bin_dir, set_bin_dir};
-pub use pod::Pod;
+pub use pod::{Pod, ptp_conf};
 pub use prefix::{TestPrefix, agent_processes, sweep_stale};
 pub use probe::tcp_roundtrip;
 

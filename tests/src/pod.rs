@@ -197,20 +197,11 @@ impl Pod {
     // === CNI ===
 
     fn ptp_conf(&self) -> Value {
-        json!({
-            "cniVersion": "1.0.0",
-            "name": NETWORK,
-            "type": "ptp",
-            "ipam": {
-                "type": "host-local",
-                "dataDir": self.node.ipam_dir,
-                "ranges": [
-                    [{"subnet": subnet_v4(self.node.subnet)}],
-                    [{"subnet": subnet_v6(self.node.subnet)}],
-                ],
-                "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
-            },
-        })
+        ptp_conf(
+            &self.node.ipam_dir,
+            &subnet_v4(self.node.subnet),
+            &subnet_v6(self.node.subnet),
+        )
     }
 
     fn weft_conf(&self, prev: Option<&Value>) -> Value {
@@ -363,4 +354,21 @@ pub(crate) fn endpoint_yaml(name: &str, namespace: &str, labels: &[(&str, &str)]
     }
     yaml.push_str("spec:\n  serviceAccount: default\n");
     yaml
+}
+
+/// The `ptp` + `host-local` network config weft's pods use: one IPv4 and one IPv6 range, a
+/// `dataDir` of the node's own (host-local's default is shared by the whole machine), and
+/// default routes for both families.
+pub fn ptp_conf(ipam_dir: &std::path::Path, subnet_v4: &str, subnet_v6: &str) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": NETWORK,
+        "type": "ptp",
+        "ipam": {
+            "type": "host-local",
+            "dataDir": ipam_dir,
+            "ranges": [[{"subnet": subnet_v4}], [{"subnet": subnet_v6}]],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+        },
+    })
 }

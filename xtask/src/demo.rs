@@ -1109,17 +1109,7 @@ fn netns_sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
 }
 
 fn ptp_conf() -> Value {
-    json!({
-        "cniVersion": "1.0.0",
-        "name": NETWORK,
-        "type": "ptp",
-        "ipam": {
-            "type": "host-local",
-            "dataDir": ipam_dir(),
-            "ranges": [[{"subnet": SUBNET_V4}], [{"subnet": SUBNET_V6}]],
-            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
-        },
-    })
+    weft_tests::ptp_conf(&ipam_dir(), SUBNET_V4, SUBNET_V6)
 }
 
 fn weft_conf(prev: Option<&Value>) -> Value {
