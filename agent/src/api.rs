@@ -15,6 +15,8 @@ use anyhow::{Context, bail};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+pub use crate::datapath::{Feature, FeatureKind, feature_summary};
+
 /// Default socket path of an agent for node `node`.
 pub fn default_socket_path(node: &str) -> String {
     format!("/var/run/weft/{node}/agent.sock")
@@ -79,6 +81,9 @@ pub struct StatusReport {
     pub pin_dir: String,
     /// `tcx` or `netlink`.
     pub attach_mode: String,
+    /// Kernel features the datapath uses (or will), as probed when the agent started.
+    #[serde(default)]
+    pub kernel_features: Vec<Feature>,
     pub endpoints: usize,
     pub identities: usize,
     pub policies: usize,

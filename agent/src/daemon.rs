@@ -398,13 +398,12 @@ impl Agent {
         StatusReport {
             node: self.cfg.node.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
-            kernel: nix::sys::utsname::uname()
-                .map(|u| u.release().to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            kernel: self.datapath.features().kernel.clone(),
             uptime_seconds: self.started.elapsed().as_secs(),
             source: self.source.describe(),
             pin_dir: self.datapath.pin_dir().display().to_string(),
             attach_mode: self.datapath.attach_mode().name().into(),
+            kernel_features: self.datapath.features().features.clone(),
             endpoints: self.endpoints.len(),
             identities: self.outputs.identity_labels.len(),
             policies: self.outputs.policies.len(),

@@ -16,8 +16,9 @@ use crate::prefix::TestPrefix;
 
 /// Where the agents pin their maps, programs and links; each node has its own directory below.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf/weft";
-/// How long an agent may take to answer `weft status` after it was started.
-const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an agent may take to answer `weft status` after it was started (generous: under
+/// emulation in `cargo xtask vm-test` a start takes seconds, and it is only a bound).
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an agent may take to exit after SIGTERM before it gets SIGKILL.
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -255,6 +256,45 @@ impl Node {
 
     /// Start the agent (again) with the same arguments and wait until `weft status` answers.
     pub fn start_agent(&mut self) {
+        self.spawn_agent();
+        self.wait_ready();
+    }
+
+    /// Start the agent where it must refuse to run: panics unless it exits with a failure
+    /// status within [`AGENT_READY_TIMEOUT`] without ever answering `weft status`; returns its
+    /// log (stdout and stderr of this run only).
+    pub fn start_agent_expecting_failure(&mut self) -> String {
+        let earlier = self.log().len();
+        self.spawn_agent();
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        let status = loop {
+            let child = self.agent.as_mut().expect("agent started");
+            if let Some(status) = child.try_wait().expect("poll agent") {
+                self.agent = None;
+                break status;
+            }
+            if Instant::now() >= deadline || self.weft(&["status"]).status.success() {
+                self.stop_agent();
+                panic!(
+                    "weft-agent of {} was expected to refuse to start but is running\n\
+                     --- agent log ---\n{}",
+                    self.name(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = self.log().get(earlier..).unwrap_or_default().to_owned();
+        assert!(
+            !status.success(),
+            "weft-agent of {} exited successfully ({status}) instead of refusing\n\
+             --- agent log ---\n{log}",
+            self.name()
+        );
+        log
+    }
+
+    fn spawn_agent(&mut self) {
         assert!(
             self.agent.is_none(),
             "agent of {} is already running",
@@ -282,7 +322,6 @@ impl Node {
                 )
             });
         self.agent = Some(child);
-        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {

@@ -12,6 +12,7 @@ mod demo;
 mod gen_crds;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +34,9 @@ enum Command {
     Bench(bench::Options),
     /// Set up, build the agent binaries, then run the whole workspace's tests.
     Test(test::Options),
+    /// Run the integration tests natively on this kernel and in VMs on Debian's 6.1 and 6.12
+    /// kernels (qemu via virtme-ng), then print a table per kernel.
+    VmTest(vm::Options),
     /// Regenerate `crds/` from the policy model (`--check`: fail when stale).
     GenCrds(gen_crds::Options),
     /// Bring up a one-node demo (node + pods frontend, api, db in network namespaces, example
@@ -48,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Build(opts) => build::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::VmTest(opts) => vm::run(&opts),
         Command::GenCrds(opts) => gen_crds::run(&opts),
         Command::Up(opts) => demo::up(&opts),
         Command::Down => demo::down(),

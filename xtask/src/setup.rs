@@ -51,7 +51,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.skip_apt {
         eprintln!("setup: apt packages skipped (--skip-apt)");
     } else {
-        apt_packages().context("installing apt packages")?;
+        ensure_apt_packages(APT_PACKAGES).context("installing apt packages")?;
     }
     stable_components().context("installing rustfmt and clippy")?;
     nightly_rust_src().context("installing rust-src for the nightly toolchain")?;
@@ -63,8 +63,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
 // === apt ===
 
-fn apt_packages() -> anyhow::Result<()> {
-    let missing = missing_packages()?;
+/// Install those of `packages` that are missing (root only; a no-op when none are).
+pub fn ensure_apt_packages(packages: &[&'static str]) -> anyhow::Result<()> {
+    let missing = missing_packages(packages)?;
     if missing.is_empty() {
         eprintln!("setup: apt packages present");
         return Ok(());
@@ -92,11 +93,11 @@ fn apt_packages() -> anyhow::Result<()> {
     )
 }
 
-fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
+fn missing_packages(packages: &[&'static str]) -> anyhow::Result<Vec<&'static str>> {
     // dpkg-query exits 1 when some package is unknown, but still prints the known ones.
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
-        .args(APT_PACKAGES)
+        .args(packages)
         .output()
         .context("running dpkg-query (is this a Debian-based system?)")?;
     let listing = String::from_utf8_lossy(&out.stdout);
@@ -106,7 +107,7 @@ fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
         .filter(|(_, status)| *status == "installed")
         .map(|(name, _)| name)
         .collect();
-    Ok(APT_PACKAGES
+    Ok(packages
         .iter()
         .copied()
         .filter(|p| !installed.contains(p))
@@ -168,7 +169,7 @@ fn os_release_codename() -> anyhow::Result<String> {
         .context("/etc/os-release has no VERSION_CODENAME")
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     cmd::output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
 }
 
@@ -258,7 +259,7 @@ fn nightly_llvm() -> anyhow::Result<NightlyLlvm> {
     })
 }
 
-fn home() -> anyhow::Result<PathBuf> {
+pub fn home() -> anyhow::Result<PathBuf> {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .context("HOME is not set")

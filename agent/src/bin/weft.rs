@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use weft_agent::api::{
     Client, EndpointRow, Flow, IdentityRow, PolicyReport, Request, StatusReport,
-    default_socket_path,
+    default_socket_path, feature_summary,
 };
 use weft_agent::observe::format_flow;
 
@@ -222,7 +222,10 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 fn print_status(s: &StatusReport) {
     println!("Node:            {}", s.node);
     println!("Version:         {}", s.version);
-    println!("Kernel:          {}", s.kernel);
+    println!("Kernel:          {} ({} attach)", s.kernel, s.attach_mode);
+    if !s.kernel_features.is_empty() {
+        println!("Kernel features: {}", feature_summary(&s.kernel_features));
+    }
     println!("Uptime:          {}s", s.uptime_seconds);
     println!("Source:          {}", s.source);
     println!(

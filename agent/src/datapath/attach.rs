@@ -65,16 +65,69 @@ pub(super) fn load_program(ebpf: &mut Ebpf, name: &str, verbose: bool) -> anyhow
             io_error,
             verifier_log,
         }) => {
+            let log = verifier_log.to_string();
             if verbose {
-                eprintln!("verifier log for {name}:\n{verifier_log}");
+                eprintln!("verifier log for {name}:\n{log}");
             }
             bail!(
-                "the kernel refused the eBPF program {name}: {io_error}. This kernel may lack a \
-                 feature weft needs (BTF, BPF ring buffer: Linux >= 5.8; weft is tested on >= \
-                 6.1). Run with --verbose for the verifier log."
+                "{}",
+                super::verifier::explain(name, &io_error.to_string(), &log)
             )
         }
         Err(e) => Err(e).with_context(|| format!("loading eBPF program {name}")),
+    }
+}
+
+/// Attach a loaded program the netlink way to `lo` of a throwaway network namespace (owned by
+/// a short-lived thread, gone with it): proves at start-up that the kernel has the clsact
+/// qdisc and the cls_bpf classifier, instead of failing each pod later. `Ok(None)` when it
+/// worked, `Ok(Some(reason))` when the kernel cannot attach this way.
+pub(super) fn probe_netlink_attach(ebpf: &mut Ebpf) -> anyhow::Result<Option<String>> {
+    let program = classifier(ebpf, program_names::FROM_POD)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+                    debug!("cannot create a scratch network namespace, not probing cls_bpf: {e}");
+                    return Ok(None);
+                }
+                if let Err(e) = aya::programs::tc::qdisc_add_clsact("lo") {
+                    return Ok(Some(format!("{:#}", anyhow::Error::from(e))));
+                }
+                let options = TcAttachOptions::Netlink(NlOptions {
+                    priority: NL_PRIORITY,
+                    handle: TcHandle::new(0, NL_HANDLE),
+                    classid: None,
+                });
+                match program.attach_with_options("lo", TcAttachType::Ingress, options) {
+                    Ok(id) => {
+                        use aya::programs::links::Link as _;
+                        // The namespace goes away with this thread, which removes the filter
+                        // too; detaching is tidiness.
+                        let _ = program.take_link(id).map(|link| link.detach());
+                        Ok(None)
+                    }
+                    Err(e) => Ok(Some(format!("{:#}", anyhow::Error::from(e)))),
+                }
+            })
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the cls_bpf probe thread panicked")))
+    })
+}
+
+/// What the kernel says when no cls_bpf classifier can be found (nor loaded as a module).
+const CLS_BPF_MISSING: &str = "classifier not found";
+
+/// Name the module when a netlink attach failed for want of the cls_bpf classifier; other
+/// errors pass through unchanged.
+pub(super) fn explain_netlink_attach_error(error: &str) -> String {
+    if error.contains(CLS_BPF_MISSING) {
+        format!(
+            "the cls_bpf classifier is missing: load module cls_bpf (CONFIG_NET_CLS_BPF), or \
+             use Linux >= 6.6, which attaches through TCX instead ({error})"
+        )
+    } else {
+        error.to_owned()
     }
 }
 
@@ -197,15 +250,22 @@ fn attach_netlink(
     let existing = SchedClassifierLink::attached(ifname, attach_type, NL_PRIORITY, handle, None)?;
     let link_id = match program.attach_to_link(existing) {
         Ok(id) => id,
-        Err(_) => program.attach_with_options(
-            ifname,
-            attach_type,
-            TcAttachOptions::Netlink(NlOptions {
-                priority: NL_PRIORITY,
-                handle,
-                classid: None,
-            }),
-        )?,
+        Err(_) => program
+            .attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: NL_PRIORITY,
+                    handle,
+                    classid: None,
+                }),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(explain_netlink_attach_error(&format!(
+                    "{:#}",
+                    anyhow::Error::from(e)
+                )))
+            })?,
     };
     // The filter must outlive this process: never let the link's Drop detach it.
     std::mem::forget(program.take_link(link_id)?);
@@ -265,4 +325,19 @@ pub(super) fn prune_links(pin_dir: &Path, keep: &[(String, u32)]) -> anyhow::Res
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_cls_bpf_names_the_module() {
+        let text = explain_netlink_attach_error(
+            "netlink error: [\"TC classifier not found\"]: No such file or directory (os error 2)",
+        );
+        assert!(text.starts_with("the cls_bpf classifier is missing: load module cls_bpf"));
+        assert!(text.contains("CONFIG_NET_CLS_BPF") && text.contains("6.6"));
+        assert_eq!(explain_netlink_attach_error("other"), "other");
+    }
 }

@@ -11,6 +11,8 @@
 
 mod attach;
 mod convert;
+mod features;
+mod verifier;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,7 @@ pub use convert::{
     addr_bytes, addr_from_bytes, host_ipcache_key, ipcache_key, policy_entry_row, policy_key,
     policy_value, prefix_to_ipcache, protocol_name,
 };
+pub use features::{Feature, FeatureKind, FeatureReport, summary as feature_summary};
 
 /// The eBPF object built by `build.rs`, embedded so one binary is all a node needs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJ"));
@@ -41,6 +44,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     attach_mode: AttachMode,
+    features: FeatureReport,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     ipcache: LpmTrie<MapData, IpcacheKey, IpcacheEntry>,
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
@@ -82,7 +86,15 @@ pub struct SyncStats {
 
 impl Datapath {
     /// Load the programs, creating or adopting the pinned maps under `pin_dir`.
+    ///
+    /// Refuses, naming what is missing, on a kernel without a feature the datapath uses.
     pub fn load(pin_dir: &Path, verbose: bool) -> anyhow::Result<(Self, Channels)> {
+        let attach_mode = AttachMode::detect();
+        let mut features = features::probe(attach_mode);
+        log_features(&features);
+        if let Some(refusal) = features.refusal() {
+            bail!("{refusal}");
+        }
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir.join("links"))
             .with_context(|| format!("creating {}", pin_dir.display()))?;
@@ -111,6 +123,21 @@ impl Datapath {
         for name in [program_names::FROM_POD, program_names::TO_POD] {
             attach::load_program(&mut ebpf, name, verbose)?;
         }
+        if attach_mode == AttachMode::Netlink {
+            // Only a loaded program can show that cls_bpf is there.
+            let problem = attach::probe_netlink_attach(&mut ebpf)?;
+            let after_clsact = features
+                .features
+                .iter()
+                .position(|f| f.kind == FeatureKind::Attach)
+                .map_or(features.features.len(), |at| at + 1);
+            features
+                .features
+                .insert(after_clsact, features::cls_bpf_feature(problem));
+            if let Some(refusal) = features.refusal() {
+                bail!("{refusal}");
+            }
+        }
         let endpoints = HashMap::try_from(take_map(&mut ebpf, map_names::ENDPOINTS)?)?;
         let ipcache = LpmTrie::try_from(take_map(&mut ebpf, map_names::IPCACHE)?)?;
         let policy = LpmTrie::try_from(take_map(&mut ebpf, map_names::POLICY)?)?;
@@ -121,7 +148,8 @@ impl Datapath {
         let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
-            attach_mode: AttachMode::detect(),
+            attach_mode,
+            features,
             endpoints,
             ipcache,
             policy,
@@ -170,6 +198,11 @@ impl Datapath {
 
     pub fn attach_mode(&self) -> AttachMode {
         self.attach_mode
+    }
+
+    /// What the kernel offers, as probed at load.
+    pub fn features(&self) -> &FeatureReport {
+        &self.features
     }
 
     /// Attach both programs to the pod's host-side interface, replacing whatever program a
@@ -354,6 +387,16 @@ fn remove_stale<K: Ord + Clone, V>(
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
     ebpf.take_map(name)
         .with_context(|| format!("the eBPF object has no map named {name}"))
+}
+
+/// One line with the verdict per feature, and the kernel it was probed on.
+fn log_features(report: &FeatureReport) {
+    info!(
+        kernel = %report.kernel,
+        attach_mode = %report.attach_mode,
+        "kernel features: {}",
+        features::summary(&report.features)
+    );
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns` (and, a tick behind at most, of
