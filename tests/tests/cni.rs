@@ -59,17 +59,49 @@ fn weft_cni_registers_the_ptp_result_with_the_agent() {
         "identity labels from the Endpoint object: {labels}"
     );
 
-    // Both programs sit on the host-side veth, through links pinned in the node's bpffs dir.
+    // Both programs sit on the host-side veth: through TCX links pinned in the node's bpffs
+    // dir (Linux >= 6.6), or as clsact filters that the kernel keeps by itself (older ones).
+    let status = json(&node.weft_ok(&["-o", "json", "status"]));
     let mut attached = Vec::new();
-    for entry in std::fs::read_dir(node.bpffs_dir().join("links")).expect("links dir") {
-        let path = entry.expect("dir entry").path();
-        if !path.to_string_lossy().contains(&pod.host_ifname) {
-            continue;
+    match status["attach_mode"].as_str() {
+        Some("tcx") => {
+            for entry in std::fs::read_dir(node.bpffs_dir().join("links")).expect("links dir") {
+                let path = entry.expect("dir entry").path();
+                if !path.to_string_lossy().contains(&pod.host_ifname) {
+                    continue;
+                }
+                let link = bpftool_json(&["link", "show", "pinned", &path.to_string_lossy()]);
+                let prog_id = link["prog_id"].to_string();
+                let prog = bpftool_json(&["prog", "show", "id", &prog_id]);
+                attached.push(prog["name"].as_str().unwrap_or_default().to_owned());
+            }
         }
-        let link = bpftool_json(&["link", "show", "pinned", &path.to_string_lossy()]);
-        let prog_id = link["prog_id"].to_string();
-        let prog = bpftool_json(&["prog", "show", "id", &prog_id]);
-        attached.push(prog["name"].as_str().unwrap_or_default().to_owned());
+        Some("netlink") => {
+            let out = node
+                .netns()
+                .run_ok("bpftool", &["-j", "net", "show", "dev", &pod.host_ifname]);
+            let net = json(&out);
+            for filter in net[0]["tc"]
+                .as_array()
+                .expect("bpftool net lists tc filters")
+            {
+                let hook = match filter["kind"].as_str() {
+                    Some("clsact/ingress") => "ingress",
+                    Some("clsact/egress") => "egress",
+                    other => panic!("unexpected tc attachment {other:?}: {filter}"),
+                };
+                let name = filter["name"].as_str().unwrap_or_default();
+                // from_pod sees what the pod sends (ingress of the host side), to_pod the rest.
+                let expected_hook = if name.starts_with("from_pod") {
+                    "ingress"
+                } else {
+                    "egress"
+                };
+                assert_eq!(hook, expected_hook, "{filter}");
+                attached.push(name.split(':').next().unwrap_or_default().to_owned());
+            }
+        }
+        other => panic!("unknown attach mode {other:?} in {status}"),
     }
     attached.sort();
     assert_eq!(
