@@ -78,40 +78,56 @@ pub(super) fn load_program(ebpf: &mut Ebpf, name: &str, verbose: bool) -> anyhow
     }
 }
 
-/// Attach a loaded program the netlink way to `lo` of a throwaway network namespace (owned by
-/// a short-lived thread, gone with it): proves at start-up that the kernel has the clsact
-/// qdisc and the cls_bpf classifier, instead of failing each pod later. `Ok(None)` when it
-/// worked, `Ok(Some(reason))` when the kernel cannot attach this way.
-pub(super) fn probe_netlink_attach(ebpf: &mut Ebpf) -> anyhow::Result<Option<String>> {
-    let program = classifier(ebpf, program_names::FROM_POD)?;
+/// Run `f` in a throwaway network namespace. `unshare` affects only the calling thread, so
+/// `f` runs on a short-lived thread, and the namespace, with whatever `f` made in it, goes
+/// away with that thread. `Err` when no namespace could be created.
+pub(super) fn in_scratch_netns<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T, String> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-                    debug!("cannot create a scratch network namespace, not probing cls_bpf: {e}");
-                    return Ok(None);
-                }
-                if let Err(e) = aya::programs::tc::qdisc_add_clsact("lo") {
-                    return Ok(Some(format!("{:#}", anyhow::Error::from(e))));
-                }
-                let options = TcAttachOptions::Netlink(NlOptions {
-                    priority: NL_PRIORITY,
-                    handle: TcHandle::new(0, NL_HANDLE),
-                    classid: None,
-                });
-                match program.attach_with_options("lo", TcAttachType::Ingress, options) {
-                    Ok(id) => {
-                        use aya::programs::links::Link as _;
-                        // The namespace goes away with this thread, which removes the filter
-                        // too; detaching is tidiness.
-                        let _ = program.take_link(id).map(|link| link.detach());
-                        Ok(None)
-                    }
-                    Err(e) => Ok(Some(format!("{:#}", anyhow::Error::from(e)))),
-                }
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| format!("cannot create a scratch network namespace: {e}"))?;
+                Ok(f())
             })
             .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the cls_bpf probe thread panicked")))
+            .unwrap_or_else(|_| Err("the probe thread panicked".to_owned()))
+    })
+}
+
+/// Attach a loaded program the netlink way to `lo` of a throwaway network namespace: proves
+/// at start-up that the kernel has the clsact qdisc and the cls_bpf classifier, instead of
+/// failing each pod later. `Ok(None)` when it worked (or could not be tried),
+/// `Ok(Some(reason))` when the kernel cannot attach this way.
+pub(super) fn probe_netlink_attach(ebpf: &mut Ebpf) -> anyhow::Result<Option<String>> {
+    let program = classifier(ebpf, program_names::FROM_POD)?;
+    let attached = in_scratch_netns(|| {
+        let text = |e: anyhow::Error| format!("{e:#}");
+        aya::programs::tc::qdisc_add_clsact("lo").map_err(|e| text(e.into()))?;
+        let id = program
+            .attach_with_options("lo", TcAttachType::Ingress, netlink_options())
+            .map_err(|e| text(e.into()))?;
+        use aya::programs::links::Link as _;
+        // The namespace goes away with the thread, which removes the filter too; detaching
+        // is tidiness.
+        let _ = program.take_link(id).map(|link| link.detach());
+        Ok(())
+    });
+    match attached {
+        Ok(Ok(())) => Ok(None),
+        Ok(Err(reason)) => Ok(Some(reason)),
+        Err(e) => {
+            debug!("not probing cls_bpf: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// weft's cls_bpf filter: its priority and handle, so a restarted agent replaces it in place.
+fn netlink_options() -> TcAttachOptions {
+    TcAttachOptions::Netlink(NlOptions {
+        priority: NL_PRIORITY,
+        handle: TcHandle::new(0, NL_HANDLE),
+        classid: None,
     })
 }
 
@@ -251,15 +267,7 @@ fn attach_netlink(
     let link_id = match program.attach_to_link(existing) {
         Ok(id) => id,
         Err(_) => program
-            .attach_with_options(
-                ifname,
-                attach_type,
-                TcAttachOptions::Netlink(NlOptions {
-                    priority: NL_PRIORITY,
-                    handle,
-                    classid: None,
-                }),
-            )
+            .attach_with_options(ifname, attach_type, netlink_options())
             .map_err(|e| {
                 anyhow::anyhow!(explain_netlink_attach_error(&format!(
                     "{:#}",

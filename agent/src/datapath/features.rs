@@ -27,7 +27,7 @@ use aya::sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supp
 use aya::util::KernelVersion;
 use serde::{Deserialize, Serialize};
 
-use super::attach::AttachMode;
+use super::attach::{AttachMode, in_scratch_netns};
 
 /// What a [`Feature`] is, for grouping in reports and wording in the refusal.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -95,6 +95,11 @@ impl Feature {
                 self.detail = format!("probe failed: {e}");
             }
         }
+        self
+    }
+
+    fn with_available(mut self, available: bool) -> Self {
+        self.available = available;
         self
     }
 
@@ -193,8 +198,9 @@ pub fn summary(features: &[Feature]) -> String {
     parts.join(", ")
 }
 
-/// Helpers called by the tc programs (from the object's `call` instructions), with the first
-/// Linux release that offers each to tc programs. Also names helpers in verifier refusals.
+/// Helpers the tc programs call (listed by hand from the object's `call` instructions, e.g.
+/// `llvm-objdump -d`; keep in step with ebpf/programs), with the first Linux release that
+/// offers each to tc programs. Also names helpers in verifier refusals.
 pub(super) const TC_HELPERS: &[(BpfHelper, &str, &str)] = &[
     (
         BpfHelper::BPF_FUNC_map_lookup_elem,
@@ -275,12 +281,11 @@ pub(super) fn probe(attach_mode: AttachMode) -> FeatureReport {
     let aya_features = aya::features();
     let mut features = vec![
         probe_syscall(),
-        Feature::new("BTF", Kernel, true, "4.18")
-            .with_probe(Ok::<_, String>(aya_features.btf().is_some())),
+        Feature::new("BTF", Kernel, true, "4.18").with_available(aya_features.btf().is_some()),
         Feature::new("global data", Kernel, true, "5.2")
-            .with_probe(Ok::<_, String>(aya_features.bpf_global_data())),
+            .with_available(aya_features.bpf_global_data()),
         Feature::new("vmlinux BTF", Kernel, false, "5.4")
-            .with_probe(Ok::<_, String>(Path::new(VMLINUX_BTF).exists()))
+            .with_available(Path::new(VMLINUX_BTF).exists())
             .with_detail("not needed: weft does not use CO-RE"),
     ];
     for (name, map_type, min) in [
@@ -344,7 +349,7 @@ fn probe_attach(attach_mode: AttachMode) -> Feature {
         AttachMode::Tcx => {
             let feature = Feature::new("TCX links", FeatureKind::Attach, true, "6.6");
             match KernelVersion::current() {
-                Ok(v) => feature.with_probe(Ok::<_, String>(v >= TCX_MIN_KERNEL)),
+                Ok(v) => feature.with_available(v >= TCX_MIN_KERNEL),
                 Err(e) => feature.with_probe(Err(e)),
             }
         }
@@ -383,24 +388,22 @@ pub(super) fn cls_bpf_feature(problem: Option<String>) -> Feature {
     feature
 }
 
+/// Add a clsact qdisc to `lo` of a throwaway network namespace: this loads `sch_ingress` if
+/// needed and fails when the kernel cannot have it.
+fn probe_clsact() -> Result<(), ClsactProbe> {
+    match in_scratch_netns(|| aya::programs::tc::qdisc_add_clsact("lo")) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ClsactProbe::Unavailable(format!(
+            "{:#}",
+            anyhow::Error::from(e)
+        ))),
+        Err(e) => Err(ClsactProbe::NotProbed(e)),
+    }
+}
+
 enum ClsactProbe {
     Unavailable(String),
     NotProbed(String),
-}
-
-/// Add a clsact qdisc to `lo` of a throwaway network namespace: this loads `sch_ingress` if
-/// needed and fails when the kernel cannot have it. The namespace belongs to a short-lived
-/// thread only (unshare affects the calling thread) and disappears with it.
-fn probe_clsact() -> Result<(), ClsactProbe> {
-    std::thread::spawn(|| {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-            ClsactProbe::NotProbed(format!("cannot create a scratch network namespace: {e}"))
-        })?;
-        aya::programs::tc::qdisc_add_clsact("lo")
-            .map_err(|e| ClsactProbe::Unavailable(format!("{:#}", anyhow::Error::from(e))))
-    })
-    .join()
-    .unwrap_or_else(|_| Err(ClsactProbe::NotProbed("probe thread panicked".to_owned())))
 }
 
 #[cfg(test)]
