@@ -1,631 +1,225 @@
-//! The agent daemon: owns the node's state (registered endpoints, the source snapshot,
-//! identities, the desired policy) and drives the datapath towards it.
+//! The agent process: locks the node's directories, loads the datapath, starts the
+//! controller (the one writer), the conntrack thread, the flow-event reader and the API, and
+//! runs until SIGTERM/SIGINT. Pinned programs and maps stay behind on exit and keep
+//! enforcing.
 //!
-//! Lock order: the daemon state sits behind one `Mutex<Agent>`; the flow hub has its own
-//! locks and is never called with the agent locked except through `set_names`.
+//! Threads and tasks, and what each owns:
+//! - `controller` (thread): the datapath handle, source, identities, endpoints; publishes
+//!   the view.
+//! - `conntrack` (thread): its own conntrack map handle; garbage collection and purges.
+//! - the source's watcher (thread, inside the source): reads and parses files, queues
+//!   batches to the controller.
+//! - tokio tasks: the API (reads the view, queues commands), flow events (ring buffer ->
+//!   flow hub), eBPF log forwarding, the L7 supervisor (owns the `weft-l7` process).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
-use tracing::{info, warn};
-use weft_common::{EndpointInfo, IpcacheEntry, identity};
+use anyhow::Context;
+use tracing::{debug, info, warn};
 
-use crate::api::{
-    CniEndpoint, CniRef, CounterRow, EndpointRow, IdentityRow, PolicyEntryRow, PolicyReport,
-    PolicyRow, Request, StatusReport,
-};
-use crate::datapath::{self, Datapath, DesiredMaps};
-use crate::observe::{FlowHub, NameTable, reserved_identity_name};
-use crate::policy_view::{self, Identities, PolicyInputs, PolicyOutputs};
-use crate::source::{Snapshot, Source, local::LocalSource};
+pub use crate::config::Config;
+use crate::config::EncryptionMode;
+use crate::controller::{Controller, CtRequest};
+use crate::datapath::conntrack::{ConntrackHandle, EvictionLedger};
+use crate::datapath::stats::StatsHandle;
+use crate::datapath::{self, Datapath};
+use crate::encryption::{self, Encryption};
+use crate::fsutil::{self, DirLock};
+use crate::identity::LocalBackend;
+use crate::observe::FlowHub;
+use crate::server::{self, Api, CtStatus};
+use crate::source::Source;
+use crate::source::local::LocalSource;
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub node: String,
-    pub source_dir: PathBuf,
-    pub state_dir: PathBuf,
-    pub socket: PathBuf,
-    pub bpffs_dir: PathBuf,
-    pub verbose: bool,
-    pub ct_gc_interval: Duration,
-}
-
-/// A pod registered by the CNI plugin, persisted in the state directory so that a restarted
-/// agent knows its endpoints (and keeps their ids, which the pinned maps are keyed by).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EndpointRecord {
-    pub id: u32,
-    pub container_id: String,
-    pub ifname: String,
-    pub host_ifname: String,
-    pub ifindex: u32,
-    pub netns: String,
-    pub pod_name: String,
-    pub pod_namespace: String,
-    pub addresses: Vec<IpNet>,
-}
-
-impl EndpointRecord {
-    fn pod(&self) -> String {
-        format!("{}/{}", self.pod_namespace, self.pod_name)
-    }
-}
-
-pub struct Agent {
-    cfg: Config,
-    datapath: Datapath,
-    source: Box<dyn Source>,
-    hub: Arc<FlowHub>,
-    endpoints: BTreeMap<(String, String), EndpointRecord>,
-    snapshot: Snapshot,
-    identities: Identities,
-    outputs: PolicyOutputs,
-    started: Instant,
-    last_apply: Option<Instant>,
-}
-
-const ENDPOINTS_FILE: &str = "endpoints.json";
-const IDENTITIES_FILE: &str = "identities.json";
-
-impl Agent {
-    fn start(
-        cfg: Config,
-        datapath: Datapath,
-        source: Box<dyn Source>,
-        hub: Arc<FlowHub>,
-    ) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&cfg.state_dir)
-            .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
-        let endpoints: Vec<EndpointRecord> =
-            read_json(&cfg.state_dir.join(ENDPOINTS_FILE))?.unwrap_or_default();
-        let identities = match read_json(&cfg.state_dir.join(IDENTITIES_FILE))? {
-            Some(persisted) => {
-                Identities::restore(persisted).context("restoring persisted identities")?
-            }
-            None => Identities::default(),
-        };
-        let mut agent = Self {
-            cfg,
-            datapath,
-            source,
-            hub,
-            endpoints: endpoints
-                .into_iter()
-                .map(|e| ((e.container_id.clone(), e.ifname.clone()), e))
-                .collect(),
-            snapshot: Snapshot::default(),
-            identities,
-            outputs: PolicyOutputs::default(),
-            started: Instant::now(),
-            last_apply: None,
-        };
-        // Read the whole source before the first write: applying an empty or partial view
-        // would remove policy that the pinned maps still enforce.
-        agent.snapshot = agent.source.snapshot();
-        agent.readopt_endpoints();
-        agent.reconcile()?;
-        agent.attach_all();
-        Ok(agent)
-    }
-
-    /// Endpoints from an earlier run: keep those whose interface still exists (with the same
-    /// ifindex), forget the rest.
-    fn readopt_endpoints(&mut self) {
-        self.endpoints.retain(|_, ep| {
-            let alive = nix::net::if_::if_nametoindex(ep.host_ifname.as_str())
-                .is_ok_and(|index| index == ep.ifindex);
-            if !alive {
-                info!(pod = %ep.pod(), ifname = %ep.host_ifname, "endpoint's interface is gone; forgetting it");
-            }
-            alive
-        });
-    }
-
-    fn attach_all(&mut self) {
-        let keep: Vec<(String, u32)> = self
-            .endpoints
-            .values()
-            .map(|e| (e.host_ifname.clone(), e.ifindex))
-            .collect();
-        for (ifname, ifindex) in &keep {
-            if let Err(e) = self.datapath.attach(ifname, *ifindex) {
-                warn!(ifname, "re-attaching: {e:#}");
-            }
-        }
-        match self.datapath.prune_links(&keep) {
-            Ok(0) => {}
-            Ok(n) => info!(removed = n, "removed link pins of deleted interfaces"),
-            Err(e) => warn!("pruning link pins: {e:#}"),
-        }
-    }
-
-    /// Re-read the source and apply.
-    pub fn refresh_source(&mut self) -> anyhow::Result<()> {
-        self.snapshot = self.source.snapshot();
-        self.reconcile()
-    }
-
-    /// Compute the desired maps from the current state and write the difference.
-    pub fn reconcile(&mut self) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let local_addresses = local_addresses();
-        let inputs = PolicyInputs {
-            node: &self.cfg.node,
-            snapshot: &self.snapshot,
-            endpoints: self.endpoints.values().collect(),
-        };
-        let outputs = policy_view::compute(&inputs, &mut self.identities);
-        let want = self.desired_maps(&outputs, &local_addresses);
-        let stats = self.datapath.apply(&want)?;
-        self.outputs = outputs;
-        self.last_apply = Some(Instant::now());
-        if let Err(e) = write_json(
-            &self.cfg.state_dir.join(IDENTITIES_FILE),
-            &self.identities.persist(),
-        ) {
-            warn!("persisting identities: {e:#}");
-        }
-        self.hub.set_names(self.name_table());
-        let changed = stats != datapath::ApplyStats::default();
-        if !changed {
-            tracing::debug!("policy unchanged");
-            return Ok(());
-        }
-        info!(
-            policy_written = stats.policy.written,
-            policy_removed = stats.policy.removed,
-            ipcache_written = stats.ipcache.written,
-            ipcache_removed = stats.ipcache.removed,
-            endpoints_written = stats.endpoints.written,
-            elapsed_ms = started.elapsed().as_millis(),
-            "policy applied"
-        );
-        Ok(())
-    }
-
-    fn desired_maps(&self, outputs: &PolicyOutputs, local_addresses: &[IpAddr]) -> DesiredMaps {
-        let mut want = DesiredMaps::default();
-        let entry = |identity| IpcacheEntry {
-            identity,
-            ..IpcacheEntry::default()
-        };
-        for (prefix, id) in &outputs.cidr_identities {
-            want.ipcache
-                .insert(datapath::ipcache_key(*prefix), entry(*id));
-        }
-        for addr in &outputs.remote_node_addresses {
-            want.ipcache.insert(
-                datapath::host_ipcache_key(*addr),
-                entry(identity::REMOTE_NODE),
-            );
-        }
-        for (addr, id) in &outputs.remote_pods {
-            want.ipcache
-                .insert(datapath::host_ipcache_key(*addr), entry(*id));
-        }
-        for addr in local_addresses {
-            want.ipcache
-                .insert(datapath::host_ipcache_key(*addr), entry(identity::HOST));
-        }
-        for ep in self.endpoints.values() {
-            let Some(id) = outputs.endpoint_identity.get(&ep.id).copied() else {
-                continue;
-            };
-            for net in &ep.addresses {
-                // The ifindex lets from_pod deliver pod-to-pod traffic straight to this pod.
-                let local = IpcacheEntry {
-                    ifindex: ep.ifindex,
-                    ..entry(id)
-                };
-                want.ipcache
-                    .insert(datapath::host_ipcache_key(net.addr()), local);
-            }
-            let isolation = outputs.isolation.get(&ep.id).copied().unwrap_or_default();
-            want.endpoints.insert(
-                ep.ifindex,
-                EndpointInfo {
-                    endpoint_id: ep.id,
-                    identity: id,
-                    flags: isolation.flags(),
-                    _pad: 0,
-                },
-            );
-        }
-        want.policy = outputs.policy.clone();
-        want
-    }
-
-    fn name_table(&self) -> NameTable {
-        let mut names = NameTable::default();
-        for ep in self.endpoints.values() {
-            names.endpoints.insert(ep.id, ep.pod());
-            for net in &ep.addresses {
-                names.addresses.insert(net.addr(), ep.pod());
-            }
-        }
-        names.identities = self.outputs.identity_labels.clone();
-        names
-    }
-
-    /// Answer an API request (everything but `observe`, which streams).
-    pub fn answer(&mut self, request: Request) -> String {
-        use crate::server::encode;
-        match request {
-            Request::Status => encode(Ok(self.status())),
-            Request::EndpointList => encode(Ok(self.endpoint_rows())),
-            Request::IdentityList => encode(Ok(self.identity_rows())),
-            Request::PolicyGet => encode(Ok(self.policy_report())),
-            Request::CniAdd(ep) => encode(self.cni_add(ep)),
-            Request::CniDel(r) => encode(self.cni_del(&r)),
-            Request::CniCheck(r) => encode(self.cni_check(&r)),
-            Request::Observe { .. } => encode::<()>(Err(anyhow::anyhow!("observe streams"))),
-        }
-    }
-
-    fn cni_add(&mut self, ep: CniEndpoint) -> anyhow::Result<()> {
-        let key = (ep.container_id.clone(), ep.ifname.clone());
-        let ifindex = nix::net::if_::if_nametoindex(ep.host_ifname.as_str()).with_context(|| {
-            format!(
-                "interface {} (host side of {}/{}) does not exist in the node's network namespace",
-                ep.host_ifname, ep.pod_namespace, ep.pod_name
-            )
-        })?;
-        if ep.addresses.is_empty() {
-            bail!(
-                "pod {}/{} has no addresses in prevResult",
-                ep.pod_namespace,
-                ep.pod_name
-            );
-        }
-        let id = match self.endpoints.get(&key) {
-            Some(existing) => existing.id,
-            None => self.next_endpoint_id(),
-        };
-        let record = EndpointRecord {
-            id,
-            container_id: ep.container_id,
-            ifname: ep.ifname,
-            host_ifname: ep.host_ifname,
-            ifindex,
-            netns: ep.netns,
-            pod_name: ep.pod_name,
-            pod_namespace: ep.pod_namespace,
-            addresses: ep.addresses,
-        };
-        info!(pod = %record.pod(), id, ifname = %record.host_ifname, "endpoint added");
-        self.endpoints.insert(key.clone(), record.clone());
-        // Maps first (identity, isolation, policy), then the programs: the pod is never
-        // attached without its policy in place.
-        let result = self
-            .reconcile()
-            .and_then(|()| self.datapath.attach(&record.host_ifname, ifindex));
-        if let Err(e) = result {
-            self.endpoints.remove(&key);
-            let _ = self.datapath.detach(&record.host_ifname, ifindex);
-            let _ = self.reconcile();
-            return Err(e.context(format!("adding endpoint {}", record.pod())));
-        }
-        self.persist_endpoints()
-    }
-
-    fn cni_del(&mut self, r: &CniRef) -> anyhow::Result<()> {
-        let key = (r.container_id.clone(), r.ifname.clone());
-        let Some(record) = self.endpoints.remove(&key) else {
-            // DEL is idempotent.
-            return Ok(());
-        };
-        info!(pod = %record.pod(), id = record.id, "endpoint deleted");
-        self.datapath.detach(&record.host_ifname, record.ifindex)?;
-        self.reconcile()?;
-        self.datapath
-            .conntrack_purge_endpoint(record.id, record.ifindex);
-        self.persist_endpoints()
-    }
-
-    fn cni_check(&self, r: &CniRef) -> anyhow::Result<()> {
-        let key = (r.container_id.clone(), r.ifname.clone());
-        let record = self
-            .endpoints
-            .get(&key)
-            .with_context(|| format!("container {} is not a weft endpoint", r.container_id))?;
-        let index = nix::net::if_::if_nametoindex(record.host_ifname.as_str())
-            .with_context(|| format!("interface {} is gone", record.host_ifname))?;
-        if index != record.ifindex {
-            bail!(
-                "interface {} changed (ifindex {} != {})",
-                record.host_ifname,
-                index,
-                record.ifindex
-            );
-        }
-        Ok(())
-    }
-
-    fn next_endpoint_id(&self) -> u32 {
-        let used: BTreeSet<u32> = self.endpoints.values().map(|e| e.id).collect();
-        (1..).find(|id| !used.contains(id)).unwrap_or(u32::MAX)
-    }
-
-    fn persist_endpoints(&self) -> anyhow::Result<()> {
-        let records: Vec<&EndpointRecord> = self.endpoints.values().collect();
-        write_json(&self.cfg.state_dir.join(ENDPOINTS_FILE), &records)
-    }
-
-    pub fn conntrack_gc(&mut self) {
-        match self.datapath.conntrack_gc() {
-            Ok((live, 0)) => tracing::debug!(live, "conntrack gc"),
-            Ok((live, removed)) => info!(live, removed, "conntrack gc"),
-            Err(e) => warn!("conntrack gc: {e:#}"),
-        }
-    }
-
-    fn status(&self) -> StatusReport {
-        let counters = self
-            .datapath
-            .metrics()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(index, value)| {
-                let audit = index >= weft_common::METRICS_AUDIT_BASE;
-                let slot = index % weft_common::METRICS_AUDIT_BASE;
-                let reason = u8::try_from(slot / 2)
-                    .ok()
-                    .and_then(weft_common::DropReason::from_u8)
-                    .unwrap_or(weft_common::DropReason::None);
-                CounterRow {
-                    direction: if slot % 2 == 1 { "ingress" } else { "egress" }.into(),
-                    verdict: if audit {
-                        "audit"
-                    } else if reason == weft_common::DropReason::None {
-                        "forwarded"
-                    } else {
-                        "dropped"
-                    }
-                    .into(),
-                    reason: reason.name().into(),
-                    packets: value.packets,
-                    bytes: value.bytes,
-                }
-            })
-            .collect();
-        StatusReport {
-            node: self.cfg.node.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            kernel: self.datapath.features().kernel.clone(),
-            uptime_seconds: self.started.elapsed().as_secs(),
-            source: self.source.describe(),
-            pin_dir: self.datapath.pin_dir().display().to_string(),
-            attach_mode: self.datapath.attach_mode().name().into(),
-            kernel_features: self.datapath.features().features.clone(),
-            endpoints: self.endpoints.len(),
-            identities: self.outputs.identity_labels.len(),
-            policies: self.outputs.policies.len(),
-            policy_map_entries: self.datapath.policy_entries().len(),
-            ipcache_entries: self.datapath.ipcache_len(),
-            conntrack_entries: self.datapath.conntrack_len(),
-            last_apply_seconds_ago: self.last_apply.map(|t| t.elapsed().as_secs()),
-            rejected: self.snapshot.rejected.clone(),
-            counters,
-        }
-    }
-
-    fn endpoint_rows(&self) -> Vec<EndpointRow> {
-        self.endpoints
-            .values()
-            .map(|ep| {
-                let isolation = self
-                    .outputs
-                    .isolation
-                    .get(&ep.id)
-                    .copied()
-                    .unwrap_or_default();
-                let identity = self
-                    .outputs
-                    .endpoint_identity
-                    .get(&ep.id)
-                    .copied()
-                    .unwrap_or(identity::UNMANAGED);
-                EndpointRow {
-                    id: ep.id,
-                    pod: ep.pod_name.clone(),
-                    namespace: ep.pod_namespace.clone(),
-                    identity,
-                    labels: self
-                        .outputs
-                        .identity_labels
-                        .get(&identity)
-                        .cloned()
-                        .unwrap_or_default(),
-                    addresses: ep.addresses.iter().map(IpNet::addr).collect(),
-                    host_ifname: ep.host_ifname.clone(),
-                    ifindex: ep.ifindex,
-                    ingress: isolation.ingress.into(),
-                    egress: isolation.egress.into(),
-                }
-            })
-            .collect()
-    }
-
-    fn identity_rows(&self) -> Vec<IdentityRow> {
-        let mut rows: Vec<IdentityRow> = self
-            .outputs
-            .identity_labels
-            .iter()
-            .map(|(id, labels)| IdentityRow {
-                id: *id,
-                labels: labels.clone(),
-                reserved: reserved_identity_name(*id).is_some(),
-            })
-            .collect();
-        rows.sort_by_key(|r| r.id);
-        rows
-    }
-
-    fn policy_report(&self) -> PolicyReport {
-        let pods: BTreeMap<u32, String> =
-            self.endpoints.values().map(|e| (e.id, e.pod())).collect();
-        let entries = self
-            .datapath
-            .policy_entries()
-            .iter()
-            .map(|((bits, key), value)| {
-                let [direction, protocol, port, verdict] =
-                    datapath::policy_entry_row(*bits, key, value);
-                PolicyEntryRow {
-                    endpoint: pods
-                        .get(&key.endpoint_id)
-                        .cloned()
-                        .unwrap_or_else(|| format!("endpoint:{}", key.endpoint_id)),
-                    direction,
-                    identity: key.identity,
-                    protocol,
-                    port,
-                    verdict,
-                    derived_from: self
-                        .outputs
-                        .derived_from
-                        .get(&(*bits, *key))
-                        .cloned()
-                        .unwrap_or_default(),
-                }
-            })
-            .collect();
-        PolicyReport {
-            policies: self
-                .outputs
-                .policies
-                .iter()
-                .map(|p| PolicyRow {
-                    kind: p.kind.clone(),
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    source: p.origin.clone(),
-                    enforcement: p.enforcement.clone(),
-                    selects: p
-                        .selects
-                        .iter()
-                        .filter_map(|id| pods.get(id).cloned())
-                        .collect(),
-                })
-                .collect(),
-            rejected: self.snapshot.rejected.clone(),
-            entries,
-        }
-    }
-}
-
-/// Addresses of this node's own interfaces (its network namespace): identity `host`.
-fn local_addresses() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
-        .filter_map(|a| {
-            let address = a.address?;
-            if let Some(v4) = address.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .filter(|ip| match ip {
-            IpAddr::V6(v6) => !v6.is_unicast_link_local(),
-            IpAddr::V4(_) => true,
-        })
-        .collect()
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<Option<T>> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes)
-                .with_context(|| format!("parsing {}", path.display()))?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-/// Write atomically (temp file + rename), so a crash never leaves half a file.
-fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
-}
-
-/// Run the agent until SIGTERM/SIGINT. Pinned programs and maps stay behind on exit.
+/// Run the agent until SIGTERM/SIGINT.
+///
+/// # Errors
+/// When the node's directories are locked by another agent, the kernel lacks a feature, or
+/// the first configuration cannot be applied.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    fsutil::private_dir(&cfg.state_dir)?;
+    // One node, one agent: the state directory first (its lock file names the holder),
+    // then the pin directory (inside `Datapath::load`).
+    let _state_lock = DirLock::acquire(&cfg.state_dir, "agent.lock")?;
     let (datapath, channels) = Datapath::load(&cfg.bpffs_dir, cfg.verbose)?;
     let mut source = LocalSource::new(&cfg.source_dir, &cfg.state_dir)?;
-    let (changed_tx, mut changed_rx) = mpsc::channel(1);
-    source.watch(changed_tx)?;
-    let hub = Arc::new(FlowHub::new());
-    let listener = crate::server::bind(&cfg.socket)?;
-    let socket = cfg.socket.clone();
-    let gc_interval = cfg.ct_gc_interval;
-    let agent = Arc::new(Mutex::new(Agent::start(
-        cfg,
+    let wireguard_key = match cfg.encryption {
+        EncryptionMode::Off => None,
+        EncryptionMode::Wireguard => Some(encryption::load_or_create_key(&cfg.state_dir)?),
+    };
+    // Before the first read, so that this agent's first view already holds its own node.
+    if let Some(node) = cfg.own_node(wireguard_key.as_ref().map(|k| k.public_key().to_string())) {
+        source
+            .publish_node(&node)
+            .context("publishing this node's Node object")?;
+    } else if wireguard_key.is_some() {
+        warn!(
+            "encryption is on but this node publishes no Node object (no --node-address or \
+             --pod-cidr): the other nodes cannot learn its WireGuard key"
+        );
+    }
+    let identities = LocalBackend::new(
+        &cfg.node,
+        &cfg.source_dir,
+        &cfg.state_dir,
+        cfg.identity_grace,
+    )?;
+    let listener = server::bind(&cfg.socket)?;
+    let cfg = Arc::new(cfg);
+    let (ct_tx, ct_rx) = std::sync::mpsc::sync_channel(256);
+    let (controller, handle, rx) = Controller::start(
+        cfg.clone(),
         datapath,
         Box::new(source),
-        hub.clone(),
-    )?));
+        Box::new(identities),
+        ct_tx,
+    )?;
+    let controller_thread = std::thread::Builder::new()
+        .name("controller".into())
+        .spawn(move || controller.run(&rx))
+        .context("starting the controller thread")?;
 
+    // After the controller's first publication: the first peers come from a complete view.
+    let encryption = match wireguard_key {
+        Some(key) => Some(Arc::new(Encryption::start(
+            cfg.clone(),
+            key,
+            handle.shared_view(),
+        )?)),
+        None => None,
+    };
+
+    let ct_status = Arc::new(CtStatus::default());
+    {
+        let status = ct_status.clone();
+        let interval = cfg.ct_gc_interval;
+        let handle = channels.conntrack;
+        let counts = channels.conntrack_stats;
+        std::thread::Builder::new()
+            .name("conntrack".into())
+            .spawn(move || conntrack_loop(handle, &counts, &ct_rx, interval, &status))
+            .context("starting the conntrack thread")?;
+    }
+
+    let hub = Arc::new(FlowHub::new(handle.shared_view()));
     let events_hub = hub.clone();
     let events = tokio::spawn(async move {
         if let Err(e) =
-            datapath::read_events(channels.events, |event| events_hub.record(&event)).await
+            datapath::events::read_events(channels.events, |r| events_hub.record(&r)).await
         {
             warn!("flow events stopped: {e:#}");
         }
     });
-
     let logs = tokio::spawn(async move {
         if let Err(e) = datapath::forward_logs(channels.logger).await {
             warn!("eBPF log forwarding stopped: {e:#}");
         }
     });
-
-    let source_agent = agent.clone();
-    let watcher = tokio::spawn(async move {
-        while changed_rx.recv().await.is_some() {
-            // Editors write in several steps: let them finish.
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            while changed_rx.try_recv().is_ok() {}
-            let mut agent = source_agent.lock().expect("agent lock");
-            if let Err(e) = agent.refresh_source() {
-                warn!("applying the source change: {e:#}");
-            }
-        }
+    let l7_status = crate::l7::new_status();
+    let (l7_stop, l7_stopped) = tokio::sync::watch::channel(false);
+    let supervisor = crate::l7::Supervisor::new(
+        crate::l7::Settings {
+            binary: cfg.l7_binary.clone(),
+            state_dir: cfg.state_dir.clone(),
+            port: cfg.l7_port,
+        },
+        handle.clone(),
+        l7_status.clone(),
+    );
+    let l7 = tokio::spawn(supervisor.run(l7_stopped));
+    let l7_access = tokio::spawn(crate::l7::follow_access(
+        cfg.state_dir.join(crate::l7::CONTROL_SOCKET),
+        hub.clone(),
+    ));
+    let api = Arc::new(Api {
+        handle: handle.clone(),
+        hub,
+        stats: Arc::new(channels.stats),
+        ct: ct_status,
+        started,
+        limits: cfg.limits,
+        encryption: encryption.clone(),
+        l7: l7_status,
     });
-
-    let gc_agent = agent.clone();
-    let gc = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(gc_interval);
-        loop {
-            tick.tick().await;
-            gc_agent.lock().expect("agent lock").conntrack_gc();
-        }
-    });
-
-    info!(socket = %socket.display(), "weft agent ready");
-    let server = tokio::spawn(crate::server::serve(listener, agent.clone(), hub));
+    info!(socket = %cfg.socket.display(), "weft agent ready");
+    let server = tokio::spawn(server::serve(listener, api));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: exiting; pinned programs keep enforcing"),
         _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting; pinned programs keep enforcing"),
     }
-    for task in [events, logs, watcher, gc, server] {
+    for task in [events, logs, server, l7_access] {
         task.abort();
     }
-    std::fs::remove_file(&socket).ok();
+    // The filter goes with the agent (no orphan); its flows then drop as l7-unavailable.
+    let _ = l7_stop.send(true);
+    if tokio::time::timeout(Duration::from_secs(5), l7)
+        .await
+        .is_err()
+    {
+        warn!("the L7 supervisor did not stop within 5s");
+    }
+    handle.shutdown();
+    // The controller finishes what it is doing (a reconcile is never cut half-way).
+    let joined = tokio::task::spawn_blocking(move || controller_thread.join());
+    if tokio::time::timeout(Duration::from_secs(10), joined)
+        .await
+        .is_err()
+    {
+        warn!("the controller did not stop within 10s");
+    }
+    std::fs::remove_file(&cfg.socket).ok();
+    // The device goes with the agent (userspace WireGuard); the key stays for the next start.
+    drop(encryption);
     Ok(())
+}
+
+/// Garbage-collect conntrack every `interval` and purge deleted endpoints' flows, on the
+/// thread's own map handle.
+fn conntrack_loop(
+    mut ct: ConntrackHandle,
+    counts: &StatsHandle,
+    rx: &Receiver<CtRequest>,
+    interval: Duration,
+    status: &CtStatus,
+) {
+    let mut next = Instant::now();
+    let mut ledger = EvictionLedger::default();
+    loop {
+        if Instant::now() >= next {
+            let gc = ct.gc(datapath::monotonic_ns());
+            status.live.store(gc.live, Ordering::Relaxed);
+            match counts.read() {
+                Ok(c) => {
+                    let evicted = ledger.evicted(c.ct_created, c.ct_removed, gc.seen);
+                    status.evicted.store(evicted, Ordering::Relaxed);
+                }
+                Err(e) => debug!("conntrack counts: {e:#}"),
+            }
+            ledger.removed(gc.removed);
+            if gc.removed > 0 {
+                info!(live = gc.live, removed = gc.removed, "conntrack gc");
+            } else {
+                debug!(live = gc.live, "conntrack gc");
+            }
+            next = Instant::now() + interval;
+        }
+        match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Ok(CtRequest::Purge {
+                endpoint_id,
+                ifindex,
+            }) => {
+                let n = ct.purge_endpoint(endpoint_id, ifindex);
+                ledger.removed(n);
+                debug!(endpoint_id, purged = n, "conntrack purge");
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
 }

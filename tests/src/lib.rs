@@ -11,31 +11,48 @@
 
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod netns;
 mod node;
+mod outside;
 mod pod;
 mod prefix;
 mod probe;
+mod prober;
+pub mod process;
+pub mod shop;
+mod support;
 
+pub use cluster::{Cluster, ClusterOptions};
 pub use netns::{NetNs, in_netns};
-pub use node::{Node, bin_dir, set_bin_dir};
-pub use pod::{Pod, ptp_conf};
-pub use prefix::{TestPrefix, agent_processes, sweep_stale};
+pub use node::{Node, NodeOptions, bin_dir, set_bin_dir};
+pub use outside::{NARROW_MTU, Outside};
+pub use pod::{CniCall, ContainerPort, Pod, ptp_conf};
+pub use prefix::{TestPrefix, agent_processes, remove_prefix, sweep_stale};
 pub use probe::tcp_roundtrip;
-
-use std::path::Path;
+pub use prober::{Probe, Prober, Tally};
+pub use support::{CONVERGE, eventually, eventually_within, json, policy_yaml};
 
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
 pub const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
+
+/// The reference plugins the harness runs: `$WEFT_CNI_PLUGIN_DIR` (a VM guest's tmpfs
+/// copy, see `cargo xtask vm-test`) or [`CNI_PLUGIN_DIR`].
+pub fn cni_plugin_dir() -> std::path::PathBuf {
+    std::env::var_os("WEFT_CNI_PLUGIN_DIR")
+        .map_or_else(|| CNI_PLUGIN_DIR.into(), std::path::PathBuf::from)
+}
 
 /// `None` when this test can run here, or the reason it cannot (printed by the caller).
 pub fn privileged_reason() -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Some("needs root (network namespaces, bpffs)".into());
     }
-    if !Path::new(CNI_PLUGIN_DIR).join("ptp").exists() {
+    let plugins = cni_plugin_dir();
+    if !plugins.join("ptp").exists() {
         return Some(format!(
-            "{CNI_PLUGIN_DIR}/ptp missing: run `cargo xtask setup` (containernetworking-plugins)"
+            "{}/ptp missing: run `cargo xtask setup` (containernetworking-plugins)",
+            plugins.display()
         ));
     }
     None
@@ -46,12 +63,20 @@ pub fn privileged_reason() -> Option<String> {
 /// ```ignore
 /// if weft_tests::skip_unless_privileged("pods_ping") { return; }
 /// ```
+/// Under `CI=true` a test that cannot run is a failure, never a silent pass: this panics
+/// instead of returning `true`.
 pub fn skip_unless_privileged(test: &str) -> bool {
     match privileged_reason() {
+        Some(reason) if ci() => panic!("{test} cannot run in CI: {reason}"),
         Some(reason) => {
             eprintln!("SKIPPED {test}: {reason}");
             true
         }
         None => false,
     }
+}
+
+/// Whether this runs in CI (`CI=true`), where nothing may be skipped.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }

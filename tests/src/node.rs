@@ -7,9 +7,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
 use crate::netns::{NetNs, delete_netns};
 use crate::pod::{self, Pod};
 use crate::prefix::TestPrefix;
@@ -18,7 +15,7 @@ use crate::prefix::TestPrefix;
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf/weft";
 /// How long an agent may take to answer `weft status` after it was started (generous: under
 /// emulation in `cargo xtask vm-test` a start takes seconds, and it is only a bound).
-const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+const AGENT_READY_TIMEOUT: Duration = Duration::from_mins(1);
 /// How long an agent may take to exit after SIGTERM before it gets SIGKILL.
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,26 +75,65 @@ pub struct Node {
     log: PathBuf,
     bpffs_dir: PathBuf,
     agent: Option<Child>,
+    /// Extra agent flags (`start_with_args`).
+    extra_args: Vec<String>,
+    /// Leave everything in place on drop (the demo).
+    keep: bool,
+}
+
+/// How to build a [`Node`].
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// The source directory, when shared with other nodes (a cluster); else the node's own.
+    pub source_dir: Option<PathBuf>,
+    /// Where the node's directory goes (default: `weft-<name>` in the temp dir).
+    pub base_dir: Option<PathBuf>,
+    /// Extra agent flags.
+    pub agent_args: Vec<String>,
 }
 
 impl Node {
     /// Create node `<prefix>-<name>` and start its agent; returns once `weft status` answers.
     pub fn start(prefix: &TestPrefix, name: &str) -> Self {
+        Self::start_with_args(prefix, name, &[])
+    }
+
+    /// [`Node::start`] with extra agent flags (e.g. `--policy-entries-per-endpoint 500`).
+    pub fn start_with_args(prefix: &TestPrefix, name: &str, extra: &[&str]) -> Self {
         let mut node = Self::without_agent(prefix, name);
+        node.extra_args = extra.iter().map(ToString::to_string).collect();
         node.start_agent();
         node
     }
 
+    /// More flags for this node's agent, from its next start on.
+    pub fn add_agent_args(&mut self, args: impl IntoIterator<Item = String>) {
+        self.extra_args.extend(args);
+    }
+
     /// Create the node's namespace and directories but no agent (harness smoke tests, baselines).
     pub fn without_agent(prefix: &TestPrefix, name: &str) -> Self {
+        Self::create(prefix, name, &NodeOptions::default())
+    }
+
+    /// Create the node as `options` say, without starting its agent.
+    pub fn create(prefix: &TestPrefix, name: &str, options: &NodeOptions) -> Self {
         let full = prefix.name(name);
-        let dir = std::env::temp_dir().join(format!("weft-{full}"));
+        // In the temp dir, `weft-<name>` (what a sweep looks for); in a given base dir (a
+        // cluster's, the demo's), just the node's name.
+        let dir = match &options.base_dir {
+            Some(base) => base.join(&full),
+            None => std::env::temp_dir().join(format!("weft-{full}")),
+        };
         let _ = fs::remove_dir_all(&dir);
         let info = Arc::new(NodeInfo {
             name: full.clone(),
             prefix: prefix.clone(),
             subnet: prefix.next_subnet(),
-            source_dir: dir.join("source"),
+            source_dir: options
+                .source_dir
+                .clone()
+                .unwrap_or_else(|| dir.join("source")),
             ipam_dir: dir.join("ipam"),
             socket: dir.join("agent.sock"),
             bin_dir: bin_dir(),
@@ -110,6 +146,8 @@ impl Node {
             log: dir.join("agent.log"),
             bpffs_dir: PathBuf::from(BPFFS_ROOT).join(&full),
             agent: None,
+            extra_args: options.agent_args.clone(),
+            keep: false,
             info,
         };
         for d in [&node.info.source_dir, &node.info.ipam_dir, &node.state_dir] {
@@ -125,6 +163,16 @@ impl Node {
         ns.sysctl("net.ipv6.conf.default.accept_dad", "0");
         node.netns = Some(ns);
         node
+    }
+
+    /// The UAPI socket of this node's WireGuard device (`wg show weft-<name>`).
+    pub fn wg_socket(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/wireguard/{}.sock", self.wg_interface()))
+    }
+
+    /// The interface name `wg` knows this node's WireGuard device by.
+    pub fn wg_interface(&self) -> String {
+        format!("weft-{}", self.info.name)
     }
 
     /// `<prefix>-<name>`: the agent's node name and the network namespace's name.
@@ -154,6 +202,11 @@ impl Node {
 
     pub fn bpffs_dir(&self) -> &Path {
         &self.bpffs_dir
+    }
+
+    /// The index `i` of this node's pod subnets (and of other per-node address ranges).
+    pub fn subnet_index(&self) -> u8 {
+        self.info.subnet
     }
 
     /// This node's IPv4 pod subnet, `100.64.<i>.0/24`.
@@ -208,6 +261,20 @@ impl Node {
         Pod::create(&self.info, name, namespace, labels, false)
     }
 
+    /// Run `weft-cni` in this node's namespace as a runtime would, with `call` (whose
+    /// `plugin` is ignored) and `prev` as prevResult: for tests of what the agent accepts.
+    pub fn weft_cni(
+        &self,
+        call: &pod::CniCall<'_>,
+        prev: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
+        let call = pod::CniCall {
+            plugin: "weft-cni",
+            ..*call
+        };
+        pod::run_cni(&self.info, &call, &pod::weft_cni_conf(&self.info, prev))
+    }
+
     // === CLI ===
 
     /// Run `weft --socket <socket> <args>` and return its output.
@@ -251,6 +318,7 @@ impl Node {
             args.push(flag.to_string());
             args.push(path.display().to_string());
         }
+        args.extend(self.extra_args.iter().cloned());
         args
     }
 
@@ -307,20 +375,21 @@ impl Node {
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log.display()));
         let log_err = log.try_clone().expect("clone log file handle");
         let binary = self.info.bin_dir.join("weft-agent");
-        let child = Command::new(&binary)
-            .args(self.agent_args())
-            // The log is a file: no colour codes in it.
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {} ({e}); build it first: cargo xtask build",
-                    binary.display()
-                )
-            });
+        let child = crate::process::spawn_in_group(
+            Command::new(&binary)
+                .args(self.agent_args())
+                // The log is a file: no colour codes in it.
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log_err),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} ({e}); build it first: cargo xtask build",
+                binary.display()
+            )
+        });
         self.agent = Some(child);
     }
 
@@ -357,10 +426,77 @@ impl Node {
         }
     }
 
+    /// Kill the agent with SIGKILL (no chance to clean up), and reap it. Pinned state stays.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            crate::process::kill_tree(child.id());
+            let _ = child.wait();
+        }
+    }
+
     /// Stop the agent, then start it again with the same arguments (adoption tests).
     pub fn restart_agent(&mut self) {
         self.stop_agent();
         self.start_agent();
+    }
+
+    /// Run a second agent for this node (same node name, pin and source directories) with
+    /// its own state directory and socket, and wait for it to exit (bounded); its output.
+    /// One node, one agent: it must refuse.
+    pub fn run_second_agent(&self) -> Output {
+        let state = self.info.dir.join("second-state");
+        let socket = self.info.dir.join("second.sock");
+        let mut args = self.agent_args();
+        for (flag, value) in [("--state-dir", &state), ("--socket", &socket)] {
+            let at = args.iter().position(|a| a == flag).expect("flag present");
+            args[at + 1] = value.display().to_string();
+        }
+        let mut child = Command::new(self.info.bin_dir.join("weft-agent"))
+            .args(&args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start a second agent");
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return child.wait_with_output().expect("second agent output");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("second agent output");
+        panic!(
+            "a second agent for {} kept running instead of refusing: {}{}",
+            self.name(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// The agent's resident memory in KiB (`VmRSS`), while it runs.
+    pub fn agent_rss_kib(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.agent_pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// The agent's peak resident memory in KiB (`VmHWM`), while it runs.
+    pub fn agent_peak_rss_kib(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.agent_pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     /// Whether the agent process is running.
@@ -371,8 +507,38 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Leave the node, its agent and its pods running when this value goes (the demo runs
+    /// on after `cargo xtask up` exits; `cargo xtask down` removes it by its prefix).
+    pub fn keep(mut self) {
+        self.keep = true;
+        if let Some(child) = self.agent.take() {
+            // The agent outlives us; its pid is in the node's directory for `down`.
+            let _ = fs::write(self.info.dir.join("agent.pid"), child.id().to_string());
+            std::mem::forget(child);
+        }
+        // Fields drop after `Drop::drop`: the namespace must not go with them.
+        if let Some(ns) = self.netns.take() {
+            std::mem::forget(ns);
+        }
+    }
+
+    /// The node's directory (state, logs, IPAM, socket).
+    pub fn dir(&self) -> &Path {
+        &self.info.dir
+    }
+
+    /// Path of the agent's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         let panicking = std::thread::panicking();
         if let Some(child) = self.agent.take() {
             stop_child(child, Duration::from_secs(5));
@@ -385,11 +551,19 @@ impl Drop for Node {
                 self.log()
             );
         }
-        let pods = std::mem::take(&mut *self.info.pods.lock().unwrap_or_else(|e| e.into_inner()));
+        let pods = std::mem::take(
+            &mut *self
+                .info
+                .pods
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         for pod_ns in pods {
             delete_netns(&pod_ns);
         }
         drop(self.netns.take());
+        // A SIGKILLed agent's WireGuard device leaves its UAPI socket file behind.
+        let _ = fs::remove_file(self.wg_socket());
         if self.bpffs_dir.exists()
             && let Err(e) = fs::remove_dir_all(&self.bpffs_dir)
         {
@@ -408,21 +582,7 @@ impl Drop for Node {
     }
 }
 
-/// SIGTERM, wait up to `timeout`, then SIGKILL; always reaps the child.
-fn stop_child(mut child: Child, timeout: Duration) {
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
-    let _ = kill(pid, Signal::SIGTERM);
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("process {pid} ignored SIGTERM for {timeout:?}; killing it");
-    let _ = child.kill();
-    let _ = child.wait();
-}
+use crate::process::stop_child;
 
 pub(crate) fn apply_file(dir: &Path, file_name: &str, text: &str) {
     assert!(

@@ -3,7 +3,6 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +10,6 @@ use std::thread::JoinHandle;
 
 use serde_json::{Value, json};
 
-use crate::CNI_PLUGIN_DIR;
 use crate::netns::NetNs;
 use crate::node::{NodeInfo, apply_file};
 
@@ -30,6 +28,10 @@ pub(crate) fn subnet_v6(index: u8) -> String {
 /// A pod on a [`Node`](crate::Node). Dropping it stops its servers and processes, runs CNI DEL
 /// in reverse order (`weft-cni`, `ptp`, `loopback`), removes its `Endpoint` object and deletes
 /// its namespace.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "each flag records one step of set-up that drop must undo"
+)]
 pub struct Pod {
     pub name: String,
     pub namespace: String,
@@ -50,6 +52,7 @@ pub struct Pod {
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) children: Mutex<Vec<Child>>,
+    keep: bool,
 }
 
 impl Pod {
@@ -79,6 +82,7 @@ impl Pod {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Mutex::new(Vec::new()),
             children: Mutex::new(Vec::new()),
+            keep: false,
         };
         // From here on a panic unwinds through `Pod::drop`, which undoes what was done.
         if with_weft {
@@ -86,14 +90,14 @@ impl Pod {
             apply_file(
                 &node.source_dir,
                 &file,
-                &endpoint_yaml(name, namespace, labels),
+                &endpoint_yaml(name, namespace, labels, &node.name, &[], &[]),
             );
             pod.endpoint_file = Some(file);
         }
         let ns = NetNs::create(&netns_name);
         node.pods
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(netns_name.clone());
         // No DAD: the pod's v6 address is usable as soon as ptp returns.
         ns.sysctl("net.ipv6.conf.all.accept_dad", "0");
@@ -109,6 +113,14 @@ impl Pod {
             .unwrap_or_else(|e| panic!("ptp ADD for pod {name}: {e}"));
         pod.ptp_result = Some(result.clone());
         pod.read_result(&result);
+        if let Some(file) = &pod.endpoint_file {
+            // With its addresses, so that the cluster's other nodes know the pod.
+            apply_file(
+                &node.source_dir,
+                file,
+                &endpoint_yaml(name, namespace, labels, &node.name, &pod.ips(), &[]),
+            );
+        }
 
         if with_weft {
             let conf = pod.weft_conf(Some(&result));
@@ -184,7 +196,7 @@ impl Pod {
             .unwrap_or_else(|e| panic!("cannot start {program} in pod {}: {e}", self.name));
         self.children
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(child);
     }
 
@@ -205,16 +217,12 @@ impl Pod {
     }
 
     fn weft_conf(&self, prev: Option<&Value>) -> Value {
-        let mut conf = json!({
-            "cniVersion": "1.0.0",
-            "name": NETWORK,
-            "type": "weft-cni",
-            "agentSocket": self.node.socket,
-        });
-        if let Some(prev) = prev {
-            conf["prevResult"] = prev.clone();
-        }
-        conf
+        weft_cni_conf(&self.node, prev)
+    }
+
+    /// The primary plugin's (ptp's) result for this pod: what the runtime hands weft-cni.
+    pub fn ptp_result(&self) -> Option<&Value> {
+        self.ptp_result.as_ref()
     }
 
     /// Run one plugin inside the node's namespace as a runtime does; ADD's result as JSON.
@@ -225,72 +233,152 @@ impl Pod {
         ifname: &str,
         conf: &Value,
     ) -> Result<Value, String> {
-        let binary = if plugin == "weft-cni" {
-            self.node.bin_dir.join(plugin)
-        } else {
-            PathBuf::from(CNI_PLUGIN_DIR).join(plugin)
-        };
-        let cni_path = format!("{CNI_PLUGIN_DIR}:{}", self.node.bin_dir.display());
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.node.name])
-            .arg(&binary)
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", &self.container_id)
-            .env("CNI_NETNS", format!("/var/run/netns/{}", self.netns_name))
-            .env("CNI_IFNAME", ifname)
-            .env("CNI_PATH", cni_path)
-            .env(
-                "CNI_ARGS",
-                format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
-                    self.namespace, self.name
-                ),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
-        child
-            .stdin
-            .take()
-            .expect("piped stdin")
-            .write_all(conf.to_string().as_bytes())
-            .map_err(|e| format!("writing the config to {plugin}: {e}"))?;
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("waiting for {plugin}: {e}"))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            let mut msg = format!(
-                "{plugin} {command} failed ({}): {}",
-                out.status,
-                stdout.trim()
-            );
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if !stderr.trim().is_empty() {
-                let _ = write!(msg, "\nstderr: {}", stderr.trim());
-            }
-            return Err(msg);
+        run_cni(
+            &self.node,
+            &CniCall {
+                plugin,
+                command,
+                container_id: &self.container_id,
+                netns: &format!("/var/run/netns/{}", self.netns_name),
+                ifname,
+                pod_namespace: &self.namespace,
+                pod_name: &self.name,
+            },
+            conf,
+        )
+    }
+}
+
+/// One CNI plugin invocation.
+#[derive(Clone, Copy)]
+pub struct CniCall<'a> {
+    pub plugin: &'a str,
+    pub command: &'a str,
+    pub container_id: &'a str,
+    /// `CNI_NETNS`.
+    pub netns: &'a str,
+    pub ifname: &'a str,
+    pub pod_namespace: &'a str,
+    pub pod_name: &'a str,
+}
+
+/// Run a CNI plugin (`weft-cni` from the build, the others from the reference plugins) in
+/// `node`'s namespace with `conf` on stdin, as a runtime does; its result as JSON.
+pub(crate) fn run_cni(node: &NodeInfo, call: &CniCall<'_>, conf: &Value) -> Result<Value, String> {
+    let plugin = call.plugin;
+    let command = call.command;
+    let binary = if plugin == "weft-cni" {
+        node.bin_dir.join(plugin)
+    } else {
+        crate::cni_plugin_dir().join(plugin)
+    };
+    let cni_path = format!(
+        "{}:{}",
+        crate::cni_plugin_dir().display(),
+        node.bin_dir.display()
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.name])
+        .arg(&binary)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", call.container_id)
+        .env("CNI_NETNS", call.netns)
+        .env("CNI_IFNAME", call.ifname)
+        .env("CNI_PATH", cni_path)
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                call.pod_namespace, call.pod_name
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(conf.to_string().as_bytes())
+        .map_err(|e| format!("writing the config to {plugin}: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for {plugin}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let mut msg = format!(
+            "{plugin} {command} failed ({}): {}",
+            out.status,
+            stdout.trim()
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !stderr.trim().is_empty() {
+            let _ = write!(msg, "\nstderr: {}", stderr.trim());
         }
-        if stdout.trim().is_empty() {
-            return Ok(Value::Null);
+        return Err(msg);
+    }
+    if stdout.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(&stdout)
+        .map_err(|e| format!("{plugin} {command} printed no JSON ({e}): {stdout}"))
+}
+
+/// The weft-cni network configuration for a node, with `prev` as prevResult.
+pub(crate) fn weft_cni_conf(node: &NodeInfo, prev: Option<&Value>) -> Value {
+    let mut conf = json!({
+        "cniVersion": "1.0.0",
+        "name": NETWORK,
+        "type": "weft-cni",
+        "agentSocket": node.socket,
+    });
+    if let Some(prev) = prev {
+        conf["prevResult"] = prev.clone();
+    }
+    conf
+}
+
+impl Pod {
+    /// Leave the pod (its namespace, attachment and processes) in place when this value
+    /// goes, for the demo.
+    pub fn keep(mut self) {
+        self.keep = true;
+        // Processes are left to run; the namespace stays (its drop would delete it).
+        std::mem::forget(std::mem::take(
+            &mut *self
+                .children
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ));
+        if let Some(ns) = self.netns.take() {
+            std::mem::forget(ns);
         }
-        serde_json::from_str(&stdout)
-            .map_err(|e| format!("{plugin} {command} printed no JSON ({e}): {stdout}"))
     }
 }
 
 impl Drop for Pod {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         self.stop.store(true, Ordering::SeqCst);
-        for mut child in
-            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()))
-        {
+        for mut child in std::mem::take(
+            &mut *self
+                .children
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ) {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for thread in std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner())) {
+        for thread in std::mem::take(
+            &mut *self
+                .threads
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ) {
             let _ = thread.join();
         }
         // DEL in reverse order of ADD; DEL errors are reported, never fatal (maybe unwinding).
@@ -326,7 +414,7 @@ impl Drop for Pod {
         self.node
             .pods
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&self.netns_name);
     }
 }
@@ -335,8 +423,43 @@ fn loopback_conf() -> Value {
     json!({"cniVersion": "1.0.0", "name": "cni-loopback", "type": "loopback"})
 }
 
-/// The `Endpoint` object of a pod, as the local source reads it.
-pub(crate) fn endpoint_yaml(name: &str, namespace: &str, labels: &[(&str, &str)]) -> String {
+/// A container port of a pod: name, number, protocol (`TCP`, `UDP`, `SCTP`).
+pub type ContainerPort<'a> = (&'a str, u16, &'a str);
+
+impl Pod {
+    /// Rewrite the pod's `Endpoint` object with new `labels` and container `ports`, as the
+    /// API server would show a relabelled pod (the agent sees the change; the pod keeps its
+    /// interface and addresses). Returns once the file is in place, not once it is enforced.
+    pub fn update_endpoint(&self, labels: &[(&str, &str)], ports: &[ContainerPort<'_>]) {
+        let file = self
+            .endpoint_file
+            .as_ref()
+            .unwrap_or_else(|| panic!("pod {} has no Endpoint object (no weft)", self.name));
+        apply_file(
+            &self.node.source_dir,
+            file,
+            &endpoint_yaml(
+                &self.name,
+                &self.namespace,
+                labels,
+                &self.node.name,
+                &self.ips(),
+                ports,
+            ),
+        );
+    }
+}
+
+/// The `Endpoint` object of a pod, as the local source reads it: on `node`, with `addresses`
+/// and container `ports`.
+pub(crate) fn endpoint_yaml(
+    name: &str,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    node: &str,
+    addresses: &[IpAddr],
+    ports: &[ContainerPort<'_>],
+) -> String {
     // JSON strings are YAML strings: quoting through serde_json escapes anything odd.
     let q = |s: &str| Value::from(s).to_string();
     let mut yaml = format!(
@@ -352,7 +475,25 @@ pub(crate) fn endpoint_yaml(name: &str, namespace: &str, labels: &[(&str, &str)]
             let _ = writeln!(yaml, "    {}: {}", q(k), q(v));
         }
     }
-    yaml.push_str("spec:\n  serviceAccount: default\n");
+    let _ = writeln!(
+        yaml,
+        "spec:\n  serviceAccount: default\n  node: {}",
+        q(node)
+    );
+    if !addresses.is_empty() {
+        let list: Vec<String> = addresses.iter().map(|a| q(&a.to_string())).collect();
+        let _ = writeln!(yaml, "  addresses: [{}]", list.join(", "));
+    }
+    if !ports.is_empty() {
+        yaml.push_str("  ports:\n");
+        for (port_name, number, protocol) in ports {
+            let _ = writeln!(
+                yaml,
+                "  - {{name: {}, containerPort: {number}, protocol: {protocol}}}",
+                q(port_name)
+            );
+        }
+    }
     yaml
 }
 

@@ -26,6 +26,8 @@ pub struct TestPrefix(Arc<Inner>);
 struct Inner {
     name: String,
     next_subnet: AtomicU8,
+    /// Whether an owner file records this process (random test prefixes).
+    owned: bool,
 }
 
 impl TestPrefix {
@@ -49,6 +51,21 @@ impl TestPrefix {
         Self(Arc::new(Inner {
             name,
             next_subnet: AtomicU8::new(1),
+            owned: true,
+        }))
+    }
+
+    /// A prefix with a fixed name (the demo's), not tied to this process: nothing sweeps it
+    /// but [`remove_prefix`]. `name` is at most 7 characters.
+    pub fn fixed(name: &str) -> Self {
+        assert!(
+            name.len() <= 7,
+            "prefix {name:?} is longer than 7 characters"
+        );
+        Self(Arc::new(Inner {
+            name: name.to_owned(),
+            next_subnet: AtomicU8::new(1),
+            owned: false,
         }))
     }
 
@@ -93,7 +110,9 @@ impl fmt::Debug for TestPrefix {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let _ = fs::remove_file(owner_file(&self.name));
+        if self.owned {
+            let _ = fs::remove_file(owner_file(&self.name));
+        }
     }
 }
 
@@ -164,6 +183,70 @@ pub fn sweep_stale() -> Vec<String> {
             if !owner_alive(&name) {
                 let _ = fs::remove_file(entry.path());
             }
+        }
+    }
+    removed
+}
+
+/// Remove everything named with `prefix` (`<prefix>-...`): agents, processes inside its
+/// network namespaces, the namespaces, pin directories, and `dirs`. Returns what it removed.
+pub fn remove_prefix(prefix: &str, dirs: &[&std::path::Path]) -> Vec<String> {
+    let mut removed = Vec::new();
+    let ours = |name: &str| {
+        name.strip_prefix(prefix)
+            .is_some_and(|r| r.starts_with('-'))
+    };
+    for (pid, node) in agent_processes() {
+        if ours(&node) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            removed.push(format!("agent pid {pid} ({node})"));
+        }
+    }
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if !ours(name) {
+                continue;
+            }
+            if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+                for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<u32>() {
+                        crate::process::kill_tree(pid);
+                        removed.push(format!("process {pid} in netns {name}"));
+                    }
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            removed.push(format!("netns {name}"));
+        }
+    }
+    if let Ok(entries) = fs::read_dir("/sys/fs/bpf/weft") {
+        for entry in entries.flatten() {
+            if ours(&entry.file_name().to_string_lossy()) {
+                let _ = fs::remove_dir_all(entry.path());
+                removed.push(entry.path().display().to_string());
+            }
+        }
+    }
+    let _ = fs::remove_dir("/sys/fs/bpf/weft");
+    // WireGuard UAPI sockets of killed agents (`weft-<node>.sock`, nodes carry the prefix).
+    if let Ok(entries) = fs::read_dir("/var/run/wireguard") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let node = name
+                .strip_prefix("weft-")
+                .and_then(|n| n.strip_suffix(".sock"));
+            if node.is_some_and(ours) && fs::remove_file(entry.path()).is_ok() {
+                removed.push(entry.path().display().to_string());
+            }
+        }
+    }
+    for dir in dirs {
+        if dir.exists() && fs::remove_dir_all(dir).is_ok() {
+            removed.push(dir.display().to_string());
         }
     }
     removed

@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Output;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::netns::{enter_netns, in_netns};
@@ -80,6 +80,15 @@ impl Pod {
             .success()
     }
 
+    /// Whether one ICMP echo to `addr` is answered within `timeout` (`ping -c1 -W<s>`), for
+    /// probes expected to be dropped, which cost the whole timeout.
+    pub fn ping_within(&self, addr: IpAddr, timeout: Duration) -> bool {
+        let wait = format!("{:.2}", timeout.as_secs_f64());
+        self.exec("ping", &["-c1", "-W", &wait, "-n", &addr.to_string()])
+            .status
+            .success()
+    }
+
     /// `ping` retried up to `tries` times (for the first packets on a fresh link).
     pub fn ping_retry(&self, addr: IpAddr, tries: usize) -> bool {
         (0..tries).any(|_| self.ping(addr))
@@ -99,6 +108,37 @@ impl Pod {
         format!("http://{}{path}", SocketAddr::new(addr, port))
     }
 
+    /// Serve HTTP/1.1 with keep-alive on `[::]:port` until the pod drops: every request
+    /// (head only; bodies are not read) is answered `200` with `<pod> <METHOD> <path>`, and
+    /// counted in the returned counter (what reached the server).
+    pub fn spawn_counting_http_server(&self, port: u16) -> Arc<AtomicU64> {
+        let listener = in_netns(&self.netns_name, || TcpListener::bind(("::", port)))
+            .unwrap_or_else(|e| panic!("pod {}: cannot listen on TCP {port}: {e}", self.name));
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let stop = self.stop.clone();
+        let count = Arc::new(AtomicU64::new(0));
+        let counted = count.clone();
+        let name = self.name.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (stop, count, name) = (stop.clone(), counted.clone(), name.clone());
+                        std::thread::spawn(move || serve_http(stream, &stop, &count, &name));
+                    }
+                    Err(_) => std::thread::sleep(POLL),
+                }
+            }
+        });
+        self.threads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(thread);
+        count
+    }
+
     /// Serve TCP echo on `[::]:port` (IPv4 and IPv6) until the pod drops.
     pub fn spawn_tcp_echo(&self, port: u16) {
         let listener = in_netns(&self.netns_name, || TcpListener::bind(("::", port)))
@@ -110,8 +150,91 @@ impl Pod {
         let thread = std::thread::spawn(move || serve_tcp_echo(&listener, &stop));
         self.threads
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(thread);
+    }
+
+    /// Serve a TCP "ticker" on `[::]:port`: every accepted connection gets one byte `t`
+    /// every 50 ms until the peer goes, the pod drops, or two minutes pass. For tests of
+    /// traffic the server side starts.
+    pub fn spawn_tcp_ticker(&self, port: u16) {
+        let listener = in_netns(&self.netns_name, || TcpListener::bind(("::", port)))
+            .unwrap_or_else(|e| panic!("pod {}: cannot listen on TCP {port}: {e}", self.name));
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let stop = self.stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let stop = stop.clone();
+                        std::thread::spawn(move || {
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                            let deadline = Instant::now() + Duration::from_mins(2);
+                            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                                if stream.write_all(b"t").is_err() {
+                                    return;
+                                }
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(POLL),
+                }
+            }
+        });
+        self.threads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(thread);
+    }
+
+    /// Send a UDP datagram of `size` bytes to `addr:port` and wait for the same bytes to come
+    /// back (the peer runs [`spawn_udp_echo`](Self::spawn_udp_echo)); larger than the MTU, it
+    /// travels as fragments both ways.
+    pub fn udp_roundtrip_of(
+        &self,
+        addr: IpAddr,
+        port: u16,
+        size: usize,
+        timeout: Duration,
+    ) -> bool {
+        in_netns(&self.netns_name, || -> io::Result<bool> {
+            let bind: SocketAddr = match addr {
+                IpAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+                IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let socket = UdpSocket::bind(bind)?;
+            socket.connect((addr, port))?;
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "the pattern repeats every 251 bytes"
+            )]
+            let message: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let mut buf = vec![0u8; size + 1];
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                socket.send(&message)?;
+                let wait = (deadline - Instant::now()).min(Duration::from_millis(300));
+                socket.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+                match socket.recv(&mut buf) {
+                    Ok(n) if buf[..n] == message[..] => return Ok(true),
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::ConnectionRefused
+                        ) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(false)
+        })
+        .unwrap_or(false)
     }
 
     /// Serve UDP echo on `[::]:port` (IPv4 and IPv6) until the pod drops.
@@ -123,7 +246,7 @@ impl Pod {
             .expect("udp read timeout");
         let stop = self.stop.clone();
         let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
+            let mut buf = vec![0u8; 65536];
             while !stop.load(Ordering::SeqCst) {
                 if let Ok((n, peer)) = socket.recv_from(&mut buf) {
                     let _ = socket.send_to(&buf[..n], peer);
@@ -132,7 +255,7 @@ impl Pod {
         });
         self.threads
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(thread);
     }
 
@@ -180,7 +303,7 @@ impl Pod {
         });
         self.threads
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(thread);
     }
 }
@@ -229,6 +352,47 @@ fn echo_connection(mut stream: TcpStream, stop: &AtomicBool) {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) => {}
             Err(_) => return,
+        }
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection of [`Pod::spawn_counting_http_server`]; ends when the
+/// peer goes, the stop flag is set, or after a minute.
+fn serve_http(mut stream: TcpStream, stop: &AtomicBool, count: &AtomicU64, name: &str) {
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(POLL));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            let mut words = head.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            count.fetch_add(1, Ordering::SeqCst);
+            let body = format!("{name} {method} {path}\n");
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n{body}",
+                body.len()
+            );
+            if stream.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+        if buf.len() > 64 * 1024 {
+            return;
         }
     }
 }

@@ -35,6 +35,8 @@ fn weft_cni_registers_the_ptp_result_with_the_agent() {
     let prefix = TestPrefix::new();
     let mut node = Node::start(&prefix, "n1");
     let pod = node.add_pod("web", "shop", &[("app", "web")]);
+    // The labels come from the pod's Endpoint object, which the source reads on its own time.
+    node.policy_wait();
 
     let rows = json(&node.weft_ok(&["-o", "json", "endpoint", "list"]));
     let row = rows

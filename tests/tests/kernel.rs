@@ -70,6 +70,20 @@ fn status_reports_kernel_features() {
     if !tcx {
         assert_eq!(feature(&status, "cls_bpf classifier")["available"], true);
     }
+    // The clock variant follows bpf_ktime_get_coarse_ns (5.11); 5.10 reads bpf_ktime_get_ns.
+    let variant = status["datapath_variant"]
+        .as_str()
+        .expect("datapath_variant");
+    let expected = if major_minor(&release) >= (5, 11) {
+        "coarse clock"
+    } else {
+        "precise clock"
+    };
+    assert!(variant.starts_with(expected), "{variant}");
+    assert_eq!(
+        feature(&status, "bpf_ktime_get_coarse_ns")["available"],
+        major_minor(&release) >= (5, 11)
+    );
     // Reported, not required (socket acceleration comes later).
     assert_eq!(feature(&status, "sk_msg")["required"], false);
 }

@@ -4,62 +4,14 @@
 
 use std::io::{Read, Write};
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::Value;
-use weft_tests::{Node, Pod, TestPrefix, skip_unless_privileged, tcp_roundtrip};
+use weft_tests::shop::shop;
+use weft_tests::{Pod, eventually, json, policy_yaml, tcp_roundtrip};
 
 const T: Duration = Duration::from_millis(1500);
-/// Policy changes must be enforced within a second; tests poll a little longer than that so
-/// that a loaded CI machine does not make them flaky (no timing is asserted).
-const CONVERGE: Duration = Duration::from_secs(5);
-
-/// Poll `check` until it holds or `CONVERGE` passes.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        if check() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Fields drop in order: the pods (CNI DEL inside the node's namespace) before the node.
-struct Shop {
-    client: Pod,
-    server: Pod,
-    other: Pod,
-    node: Node,
-}
-
-/// One node with `client` (app=client), `server` (app=server, TCP echo on 8080 and 9090, UDP
-/// echo on 5353) and `other` (app=other), all in namespace `shop`.
-fn shop(test: &str) -> Option<Shop> {
-    if skip_unless_privileged(test) {
-        return None;
-    }
-    let prefix = TestPrefix::new();
-    let node = Node::start(&prefix, "n1");
-    let server = node.add_pod("server", "shop", &[("app", "server")]);
-    let client = node.add_pod("client", "shop", &[("app", "client")]);
-    let other = node.add_pod("other", "shop", &[("app", "other")]);
-    server.spawn_tcp_echo(8080);
-    server.spawn_tcp_echo(9090);
-    server.spawn_udp_echo(5353);
-    Some(Shop {
-        node,
-        client,
-        server,
-        other,
-    })
-}
-
 fn policy(name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: weft.io/v1alpha1\nkind: WeftNetworkPolicy\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n{spec}"
-    )
+    policy_yaml(name, "shop", spec)
 }
 
 const SERVER_ALLOWS_CLIENT_8080: &str = "  endpointSelector:
@@ -74,48 +26,6 @@ const SERVER_ALLOWS_CLIENT_8080: &str = "  endpointSelector:
 
 fn tcp(from: &Pod, to: IpAddr, port: u16) -> bool {
     from.tcp_probe(to, port, T)
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
-fn identity_of(node: &Node, pod: &str) -> u64 {
-    let rows = json(&node.weft_ok(&["-o", "json", "endpoint", "list"]));
-    rows.as_array()
-        .expect("endpoint list is an array")
-        .iter()
-        .find(|r| r["pod"] == pod)
-        .unwrap_or_else(|| panic!("no endpoint {pod} in {rows}"))["identity"]
-        .as_u64()
-        .expect("identity is a number")
-}
-
-/// Poll `weft observe` (with `args`) until one flow satisfies `wanted`; all flows seen then.
-/// The agent drains the datapath's events every few tens of milliseconds.
-fn observed_until(
-    node: &Node,
-    args: &[&str],
-    what: &str,
-    wanted: impl Fn(&Value) -> bool,
-) -> Vec<Value> {
-    let mut flows = Vec::new();
-    eventually(what, || {
-        flows = observed(node, args);
-        flows.iter().any(&wanted)
-    });
-    flows
-}
-
-/// Flows from `weft observe -o json` (recent ones, no follow).
-fn observed(node: &Node, args: &[&str]) -> Vec<Value> {
-    let mut all = vec!["-o", "json", "observe", "--last", "4096"];
-    all.extend_from_slice(args);
-    node.weft_ok(&all)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(json)
-        .collect()
 }
 
 #[test]
@@ -179,14 +89,17 @@ fn deny_beats_allow() {
       - {port: \"8080\", protocol: TCP}
 ";
     s.node.apply("server.yaml", &policy("server-in", spec));
-    eventually("deny rule enforced", || !tcp(&s.client, v4, 8080));
+    s.node.policy_wait();
+    assert!(
+        !tcp(&s.client, v4, 8080),
+        "the deny rule closes client -> 8080"
+    );
     assert!(
         tcp(&s.client, v4, 9090),
         "the allow still opens other ports"
     );
     assert!(tcp(&s.other, v4, 8080), "the deny names only client");
-    observed_until(
-        &s.node,
+    s.node.observed_until(
         &["--verdict", "dropped", "--port", "8080"],
         "the drop is reported as policy-deny-rule",
         |f| f["drop_reason"] == "policy-deny-rule" && f["source"]["name"] == "shop/client",
@@ -304,9 +217,8 @@ fn audit_reports_would_be_drops_and_lets_them_pass() {
     });
     assert!(tcp(&s.other, v4, 9090), "audit lets the would-be drop pass");
     assert!(s.other.ping_retry(v4, 3), "audit lets ICMP pass");
-    let other = identity_of(&s.node, "other");
-    observed_until(
-        &s.node,
+    let other = s.node.identity_of("other");
+    s.node.observed_until(
         &["--verdict", "audit"],
         "the would-be drop is reported as audit/policy-denied",
         |f| {
@@ -316,7 +228,7 @@ fn audit_reports_would_be_drops_and_lets_them_pass() {
         },
     );
     assert!(
-        observed(&s.node, &["--verdict", "dropped"]).is_empty(),
+        s.node.observed(&["--verdict", "dropped"]).is_empty(),
         "audit never drops"
     );
 }
@@ -350,7 +262,7 @@ fn malformed_policy_is_rejected_and_the_last_good_policy_stays() {
             .as_array()
             .expect("rejected is an array")
             .iter()
-            .map(|r| r.as_str().unwrap_or_default().to_owned())
+            .map(|r| r["message"].as_str().unwrap_or_default().to_owned())
             .collect();
         rejected.len() >= 2
     });
@@ -397,12 +309,12 @@ fn observe_shows_denied_flow_with_identities_and_reason() {
         "server.yaml",
         &policy("server-in", SERVER_ALLOWS_CLIENT_8080),
     );
-    eventually("policy enforced", || !tcp(&s.other, v6, 8080));
-    let other = identity_of(&s.node, "other");
-    let server = identity_of(&s.node, "server");
+    s.node.policy_wait();
+    assert!(!tcp(&s.other, v6, 8080), "other -> server:8080 is denied");
+    let other = s.node.identity_of("other");
+    let server = s.node.identity_of("server");
     assert_ne!(other, server);
-    let flows = observed_until(
-        &s.node,
+    let flows = s.node.observed_until(
         &["--verdict", "dropped", "--pod", "other"],
         "the dropped flow is reported",
         |f| f["destination"]["port"] == 8080 && f["protocol"] == "TCP",
@@ -437,7 +349,7 @@ fn bpftool_shows_named_fields_of_the_policy_map() {
             .unwrap_or(0)
             > 0
     });
-    let map = s.node.bpffs_dir().join("policy");
+    let map = s.node.bpffs_dir().join("weft_policy_v1");
     let out = std::process::Command::new("bpftool")
         .args(["map", "dump", "pinned"])
         .arg(&map)
@@ -601,8 +513,7 @@ fn the_node_reaches_its_isolated_pods_and_routed_traffic_is_checked_at_to_pod() 
     };
     assert!(ping(v4), "the node reaches its isolated pod (v4)");
     assert!(ping(v6), "the node reaches its isolated pod (v6)");
-    observed_until(
-        &s.node,
+    s.node.observed_until(
         &["--verdict", "forwarded", "--pod", "server"],
         "node -> pod flows reported, checked at to_pod as identity host",
         |f| f["source"]["name"] == "host" && f["direction"] == "ingress",

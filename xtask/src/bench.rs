@@ -51,9 +51,10 @@ pub struct Options {
     /// Smoke run: 1 repeat of 2 s (overrides --seconds and --repeats).
     #[arg(long)]
     pub quick: bool,
-    /// netperf tests to run.
+    /// Tests to run: netperf's, and `policy-scale` (the policy core at cluster scale, no
+    /// kernel needed; alone it needs neither root nor a build).
     #[arg(long, value_enum, value_delimiter = ',', ignore_case = true,
-          default_values_t = [Test::Rr, Test::Crr, Test::Stream])]
+          default_values_t = [Test::Rr, Test::Crr, Test::Stream, Test::PolicyScale])]
     pub tests: Vec<Test>,
     /// CPU pinnings: `same` (`-T 0,0`, client and server on CPU 0) and/or `cross` (`-T 0,1`).
     #[arg(long, value_enum, value_delimiter = ',',
@@ -72,6 +73,9 @@ pub enum Test {
     Crr,
     #[value(name = "TCP_STREAM")]
     Stream,
+    /// Not netperf: the policy core at 10,000 endpoints (`bench_scale`).
+    #[value(name = "policy-scale")]
+    PolicyScale,
 }
 
 impl Test {
@@ -80,13 +84,14 @@ impl Test {
             Test::Rr => "TCP_RR",
             Test::Crr => "TCP_CRR",
             Test::Stream => "TCP_STREAM",
+            Test::PolicyScale => "policy-scale",
         }
     }
 
     /// Minimum weft/no-mesh ratio of the median.
     fn target(self) -> f64 {
         match self {
-            Test::Rr | Test::Stream => 0.95,
+            Test::Rr | Test::Stream | Test::PolicyScale => 0.95,
             Test::Crr => 0.90,
         }
     }
@@ -163,6 +168,23 @@ struct Sample {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if opts.tests.contains(&Test::PolicyScale) {
+        crate::bench_scale::run()?;
+    }
+    let netperf: Vec<Test> = opts
+        .tests
+        .iter()
+        .copied()
+        .filter(|t| *t != Test::PolicyScale)
+        .collect();
+    if netperf.is_empty() {
+        return Ok(());
+    }
+    let opts = &Options {
+        tests: netperf,
+        pinning: opts.pinning.clone(),
+        ..*opts
+    };
     let (seconds, repeats) = if opts.quick {
         (2, 1)
     } else {
@@ -677,7 +699,7 @@ fn stats(values: &[f64]) -> (f64, f64, f64) {
     let median = if n % 2 == 1 {
         v[n / 2]
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
     };
     (median, v[0], v[n - 1])
 }
@@ -823,12 +845,12 @@ fn throughputs(samples: &[Sample]) -> Vec<f64> {
 
 /// Runs `cmd` with piped output, killing it when it outlives `limit` or on Ctrl-C.
 fn run_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let mut child = weft_tests::process::spawn_in_group(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .with_context(|| format!("cannot start {cmd:?}"))?;
     let deadline = Instant::now() + limit;
     loop {
         if child.try_wait()?.is_some() {
@@ -837,7 +859,7 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<Output> {
         }
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);
         if interrupted || Instant::now() >= deadline {
-            let _ = child.kill();
+            weft_tests::process::kill_tree(child.id());
             let _ = child.wait();
             if interrupted {
                 bail!("interrupted");
@@ -853,12 +875,12 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<Output> {
 fn catch_signals() -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        use tokio::signal::unix::{SignalKind, signal};
         let result = (|| -> io::Result<_> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let _guard = rt.enter();
-            use tokio::signal::unix::{SignalKind, signal};
             let int = signal(SignalKind::interrupt())?;
             let term = signal(SignalKind::terminate())?;
             Ok((rt, int, term))
@@ -906,11 +928,10 @@ fn release_dir() -> PathBuf {
 }
 
 fn iptables_version() -> String {
-    Command::new("iptables")
-        .arg("-V")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|_| "iptables".into())
+    Command::new("iptables").arg("-V").output().map_or_else(
+        |_| "iptables".into(),
+        |o| String::from_utf8_lossy(&o.stdout).trim().to_string(),
+    )
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! `cargo xtask build`: build the agent crate; its `build.rs` builds and embeds the eBPF object.
+//! `cargo xtask build`: build the binaries a node runs — `weft-agent` (its `build.rs` builds and
+//! embeds the eBPF object), `weft` and `weft-cni`.
 
 use clap::Args;
 
@@ -13,7 +14,16 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let mut cargo = cmd::cargo();
-    cargo.args(["build", "-p", "weft-agent", "--bins"]);
+    cargo.args([
+        "build",
+        "-p",
+        "weft-agent",
+        "-p",
+        "weft-cli",
+        "-p",
+        "weft-cni",
+        "--bins",
+    ]);
     if opts.release {
         cargo.arg("--release");
     }

@@ -6,9 +6,12 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_scale;
 mod build;
+mod chaos;
 mod cmd;
 mod demo;
+mod deny;
 mod gen_crds;
 mod setup;
 mod test;
@@ -34,13 +37,20 @@ enum Command {
     Bench(bench::Options),
     /// Set up, build the agent binaries, then run the whole workspace's tests.
     Test(test::Options),
+    /// Faults and bad input while traffic flows (SIGKILL, bad files, ghost CNI commands, a
+    /// second agent, map exhaustion, oversized requests); prints a table, fails on any row
+    /// that lets a denied peer through or cuts an allowed connection.
+    Chaos(chaos::Options),
     /// Run the integration tests natively on this kernel and in VMs on Debian's 6.1 and 6.12
     /// kernels (qemu via virtme-ng), then print a table per kernel.
     VmTest(vm::Options),
+    /// Check the dependencies' licences, bans and sources with cargo-deny (`deny.toml`).
+    Deny(deny::Options),
     /// Regenerate `crds/` from the policy model (`--check`: fail when stale).
     GenCrds(gen_crds::Options),
-    /// Bring up a one-node demo (node + pods frontend, api, db in network namespaces, example
-    /// policies) and print which connections pass and which are dropped, and why.
+    /// Bring up the demo: a cluster of network namespaces (two nodes on an underlay by default,
+    /// one agent each), pods frontend, api and db spread over them, the example policies;
+    /// print which connections pass and which are dropped, and why.
     Up(demo::UpOptions),
     /// Remove the demo: processes, CNI attachments, namespaces, pinned objects, files.
     Down,
@@ -51,9 +61,11 @@ fn main() -> anyhow::Result<()> {
         Command::Setup(opts) => setup::run(&opts),
         Command::Build(opts) => build::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::Chaos(opts) => chaos::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::VmTest(opts) => vm::run(&opts),
         Command::GenCrds(opts) => gen_crds::run(&opts),
+        Command::Deny(opts) => deny::run(&opts),
         Command::Up(opts) => demo::up(&opts),
         Command::Down => demo::down(),
     }

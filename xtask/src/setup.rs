@@ -23,6 +23,9 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "socat",
     "curl",
+    "nghttp2-client",
+    "nginx",
+    "wrk",
     "iputils-ping",
     "netperf",
     "iperf3",
@@ -30,13 +33,23 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "util-linux",
     "kmod",
+    // The WireGuard tests and bench: `wg` configures wireguard-go and reads weft's UAPI
+    // socket; tcpdump checks that the underlay carries only WireGuard.
+    "wireguard-tools",
+    "tcpdump",
 ];
+
+/// The wireguard-go the interop test and the bench compare against: bookworm-backports'
+/// 0.0.20231211, which has upstream's UDP GSO/GRO and TUN offload batching (bookworm's own
+/// 0.0.20220316 has neither). Its binary still says v0.0.20230223 in `--version`.
+const WIREGUARD_GO: &str = "wireguard-go";
 
 /// Our apt source for Debian's non-free component (netperf lives there).
 const NON_FREE_SOURCES: &str = "/etc/apt/sources.list.d/weft-non-free.sources";
 /// The name a by-hand set-up used on some machines; treated as equivalent.
 const NON_FREE_SOURCES_ALT: &str = "/etc/apt/sources.list.d/weft-nonfree.sources";
 
+const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/weft-backports.sources";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -52,6 +65,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         eprintln!("setup: apt packages skipped (--skip-apt)");
     } else {
         ensure_apt_packages(APT_PACKAGES).context("installing apt packages")?;
+        backports_wireguard_go().context("installing wireguard-go from backports")?;
     }
     stable_components().context("installing rustfmt and clippy")?;
     nightly_rust_src().context("installing rust-src for the nightly toolchain")?;
@@ -65,6 +79,14 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
 /// Install those of `packages` that are missing (root only; a no-op when none are).
 pub fn ensure_apt_packages(packages: &[&'static str]) -> anyhow::Result<()> {
+    ensure_apt_packages_from(packages, None)
+}
+
+/// [`ensure_apt_packages`] from `target_release` (`apt-get -t`), e.g. `bookworm-backports`.
+pub fn ensure_apt_packages_from(
+    packages: &[&'static str],
+    target_release: Option<&str>,
+) -> anyhow::Result<()> {
     let missing = missing_packages(packages)?;
     if missing.is_empty() {
         eprintln!("setup: apt packages present");
@@ -85,12 +107,81 @@ pub fn ensure_apt_packages(packages: &[&'static str]) -> anyhow::Result<()> {
             .args(["update", "-q"])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y", "-q", "--no-install-recommends"]);
+    if let Some(release) = target_release {
+        install.args(["-t", release]);
+    }
     cmd::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+        install
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Install wireguard-go from backports unless the installed one came from there.
+fn backports_wireguard_go() -> anyhow::Result<()> {
+    if installed_version(WIREGUARD_GO).is_some_and(|v| v.contains("bpo")) {
+        eprintln!("setup: wireguard-go (backports) present");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "wireguard-go from backports missing and not running as root; run `cargo xtask setup` as root"
+        );
+    }
+    let suite = ensure_backports_source()?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    cmd::run(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "-t",
+                &suite,
+                WIREGUARD_GO,
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// The version of an installed package, `None` when it is not installed.
+pub fn installed_version(package: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version} ${db:Status-Status}", package])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (version, status) = text.trim().split_once(' ')?;
+    (status == "installed").then(|| version.to_owned())
+}
+
+/// Add Debian's backports suite for this release unless an apt source has it already;
+/// returns the suite name (`bookworm-backports`).
+pub fn ensure_backports_source() -> anyhow::Result<String> {
+    let codename = os_release_codename()?;
+    let suite = format!("{codename}-backports");
+    if apt_sources_text().split_whitespace().any(|w| w == suite) {
+        return Ok(suite);
+    }
+    let text = format!(
+        "# Added by `cargo xtask setup` (weft): wireguard-go (and the qemu matching a \
+         backports qemu-utils) come from backports.\n\
+         Types: deb\n\
+         URIs: http://deb.debian.org/debian\n\
+         Suites: {suite}\n\
+         Components: main\n\
+         Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    );
+    fs::write(BACKPORTS_SOURCES, text).with_context(|| format!("writing {BACKPORTS_SOURCES}"))?;
+    eprintln!("setup: added {BACKPORTS_SOURCES}");
+    Ok(suite)
 }
 
 fn missing_packages(packages: &[&'static str]) -> anyhow::Result<Vec<&'static str>> {
@@ -197,17 +288,27 @@ fn nightly_rust_src() -> anyhow::Result<()> {
             "minimal",
             "--component",
             "rust-src",
+            "--component",
+            "clippy",
+            "--component",
+            "rustfmt",
         ]));
     }
     let sysroot = nightly_sysroot()?;
-    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        eprintln!("setup: nightly rust-src present");
+    let has_src = sysroot.join("lib/rustlib/src/rust/library/core").is_dir();
+    // CI lints and formats the eBPF crate with the nightly toolchain too.
+    let has_clippy = cmd::succeeds(Command::new("cargo").args(["+nightly", "clippy", "--version"]));
+    let has_fmt = cmd::succeeds(Command::new("cargo").args(["+nightly", "fmt", "--version"]));
+    if has_src && has_clippy && has_fmt {
+        eprintln!("setup: nightly rust-src, clippy and rustfmt present");
         return Ok(());
     }
     cmd::run(Command::new("rustup").args([
         "component",
         "add",
         "rust-src",
+        "clippy",
+        "rustfmt",
         "--toolchain",
         "nightly",
     ]))
@@ -352,7 +453,7 @@ fn link_libllvm(lib: &Path, prefix_lib: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The DT_SONAME of a shared library, via `readelf` when it is installed.
+/// The `DT_SONAME` of a shared library, via `readelf` when it is installed.
 fn soname(lib: &Path) -> Option<String> {
     let out = cmd::output(Command::new("readelf").arg("-d").arg(lib)).ok()?;
     out.lines()

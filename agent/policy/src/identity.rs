@@ -40,16 +40,19 @@ pub const RESERVED: [(u32, &str); 7] = [
 ];
 
 /// Name of a reserved identity (`host`, `world`, ...).
+#[must_use]
 pub fn reserved_name(id: u32) -> Option<&'static str> {
     RESERVED.iter().find(|(i, _)| *i == id).map(|(_, n)| *n)
 }
 
 /// Labels shown for a reserved identity: `reserved:<name>`.
+#[must_use]
 pub fn reserved_labels(id: u32) -> Option<Labels> {
     reserved_name(id).map(|n| Labels::from([(format!("reserved:{n}"), String::new())]))
 }
 
 /// Labels shown for a CIDR identity: `cidr:<prefix>` and `reserved:world`.
+#[must_use]
 pub fn cidr_labels(prefix: &IpNet) -> Labels {
     Labels::from([
         (format!("cidr:{prefix}"), String::new()),
@@ -57,6 +60,7 @@ pub fn cidr_labels(prefix: &IpNet) -> Labels {
     ])
 }
 
+#[must_use]
 pub fn is_cidr_identity(id: u32) -> bool {
     id >= FIRST_CIDR_IDENTITY
 }
@@ -158,6 +162,7 @@ impl Default for IdentityAllocator {
 }
 
 impl IdentityAllocator {
+    #[must_use]
     pub fn new() -> Self {
         IdentityAllocator {
             inner: Allocator::new(FIRST_POD_IDENTITY, FIRST_CIDR_IDENTITY),
@@ -182,11 +187,13 @@ impl IdentityAllocator {
         self.inner.allocate(labels)
     }
 
+    #[must_use]
     pub fn lookup(&self, labels: &Labels) -> Option<u32> {
         self.inner.by_key.get(labels).copied()
     }
 
     /// Labels of a pod identity (not reserved or CIDR ones; see [`display_labels`]).
+    #[must_use]
     pub fn labels(&self, id: u32) -> Option<&Labels> {
         self.inner.by_id.get(&id)
     }
@@ -198,11 +205,13 @@ impl IdentityAllocator {
     }
 
     /// Every pod identity with its labels: the identity table `resolve` takes.
+    #[must_use]
     pub fn pod_identities(&self) -> &BTreeMap<u32, Labels> {
         &self.inner.by_id
     }
 
     /// The table to persist (serde-serializable).
+    #[must_use]
     pub fn snapshot(&self) -> BTreeMap<u32, Labels> {
         self.inner.by_id.clone()
     }
@@ -223,6 +232,7 @@ impl Default for CidrIdentityAllocator {
 }
 
 impl CidrIdentityAllocator {
+    #[must_use]
     pub fn new() -> Self {
         CidrIdentityAllocator {
             inner: Allocator::new(FIRST_CIDR_IDENTITY, u32::MAX),
@@ -265,14 +275,17 @@ impl CidrIdentityAllocator {
     }
 
     /// `prefix -> identity`, for the ipcache and for `resolve`.
+    #[must_use]
     pub fn prefixes(&self) -> &BTreeMap<IpNet, u32> {
         &self.inner.by_key
     }
 
+    #[must_use]
     pub fn prefix(&self, id: u32) -> Option<&IpNet> {
         self.inner.by_id.get(&id)
     }
 
+    #[must_use]
     pub fn snapshot(&self) -> BTreeMap<u32, IpNet> {
         self.inner.by_id.clone()
     }

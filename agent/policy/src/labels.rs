@@ -21,7 +21,7 @@ pub const RESERVED_PREFIX: &str = "weft.io/";
 pub const K8S_NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// Pod labels that change with every rollout and say nothing about security; keeping them
-/// would give each ReplicaSet generation its own identity (Cilium filters the same ones).
+/// would give each `ReplicaSet` generation its own identity (Cilium filters the same ones).
 pub const IGNORED_POD_LABELS: [&str; 7] = [
     "pod-template-hash",
     "pod-template-generation",
@@ -34,6 +34,7 @@ pub const IGNORED_POD_LABELS: [&str; 7] = [
 
 /// The security labels of a pod: its own labels (minus [`IGNORED_POD_LABELS`] and anything
 /// under `weft.io/`), plus its namespace, service account and its namespace's labels.
+#[must_use]
 pub fn security_labels(
     pod_labels: &Labels,
     namespace: &str,
@@ -56,11 +57,13 @@ pub fn security_labels(
 }
 
 /// `k=v,k2=v2` (a label with an empty value prints as just its key).
+#[must_use]
 pub fn format_labels(labels: &Labels) -> String {
     label_strings(labels).join(",")
 }
 
 /// Each label as `k=v` (or `k` when the value is empty), in key order.
+#[must_use]
 pub fn label_strings(labels: &Labels) -> Vec<String> {
     labels
         .iter()

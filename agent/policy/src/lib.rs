@@ -2,16 +2,20 @@
 //! identities, selection, and resolution of policies into desired `policy` map entries.
 //!
 //! Stages, one module each (after cilium `pkg/policy`): `model` (wire types) -> `parse`
-//! (validate, default, compile) -> `repository` (policies by kind/namespace/name) ->
-//! `resolve` (selected endpoints, peer identities, isolation) -> `mapstate` (entries with deny
-//! precedence, datapath lookup simulation, diffs). `labels`, `selector`, `identity` and
-//! `ports` are the vocabulary they share.
+//! (validate, default, compile; `netpol` for Kubernetes `NetworkPolicy`) -> `repository`
+//! (policies by kind/namespace/name) -> `resolve` (selected endpoints, peer identities, named
+//! ports, isolation, enforcement mode) -> `mapstate` (entries with deny precedence and audit
+//! verdicts, datapath lookup simulation, diffs) -> `capacity` (what fits the map). Beside
+//! them, reading the same inputs: `status` (per-policy conditions) and `explain` (why a
+//! connection passes or drops). `labels`, `selector`, `identity`, `ports` and `icmp` are the
+//! vocabulary they share.
 //!
 //! No I/O, no clock, no async, no aya: everything here is a pure function over plain data.
 //! The datapath module converts [`mapstate::PolicyMapKey`] into `weft_common::PolicyKey`;
 //! this crate deliberately does not depend on `weft-common`.
 //!
 //! ```
+//! use std::collections::BTreeMap;
 //! use weft_policy::{
 //!     CidrIdentityAllocator, Direction, IdentityAllocator, LocalEndpoint, Object, Repository,
 //!     ResolveInput, ResolveOptions, Verdict, diff, parse_documents, resolve,
@@ -58,6 +62,7 @@
 //!                     name: ep.name().into(),
 //!                     identity,
 //!                     labels,
+//!                     ports: ep.named_ports(),
 //!                 });
 //!             }
 //!         }
@@ -71,6 +76,7 @@
 //!     endpoints: &local,
 //!     identities: ids.pod_identities(),
 //!     cidr_identities: cidrs.prefixes(),
+//!     named_ports: &BTreeMap::new(), // ports::named_ports_by_identity over every pod
 //!     options: ResolveOptions::default(),
 //! });
 //! assert!(!state.decide(1, Direction::Ingress, web, IPPROTO_TCP, 8080).drops());
@@ -80,23 +86,36 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod capacity;
+pub mod explain;
+pub mod http;
+pub mod icmp;
 pub mod identity;
 pub mod labels;
 pub mod mapstate;
 pub mod model;
+pub mod netpol;
 pub mod parse;
 pub mod ports;
 pub mod repository;
 pub mod resolve;
 pub mod selector;
+pub mod status;
 
+pub use capacity::{
+    CapacityLimit, CapacityLimits, CapacityPlan, CapacityRefusal, EntrySets, capacity_refusals,
+    fit_capacity,
+};
+pub use explain::{Explanation, Peer, explain};
+pub use http::{HttpAllow, HttpMatcher, HttpRuleError, L7Policy, RequestView};
 pub use identity::{CidrIdentityAllocator, IdentityAllocator, IdentityError, PersistedIdentities};
 pub use labels::{Labels, security_labels};
 pub use mapstate::{
-    Decision, DesiredState, Direction, EndpointPolicy, Isolation, MapEntry, PolicyMapKey,
-    StateDiff, Verdict, diff,
+    AuditChange, AuditEntry, Decision, DesiredState, Direction, EndpointPolicy, IsolatedBy,
+    Isolation, MapEntry, PolicyMapKey, StateDiff, Verdict, diff,
 };
 pub use parse::{Object, ParseError, ValidationError, parse_documents};
-pub use ports::PortPrefix;
+pub use ports::{NamedPorts, PortPrefix, named_ports_by_identity};
 pub use repository::{Policy, PolicyId, PolicyKind, Repository};
-pub use resolve::{LocalEndpoint, ResolveInput, ResolveOptions, resolve};
+pub use resolve::{EnforcementMode, LocalEndpoint, ResolveInput, ResolveOptions, resolve};
+pub use status::{PolicyStatusReport, policy_status};

@@ -246,7 +246,7 @@ pub struct L7Rules {
 
 /// One HTTP allow rule; every field given must match. `method`, `path` and `host` are regular
 /// expressions matched against the whole value; a header is `"Name"` (present) or
-/// `"Name: value-regex"`.
+/// `"Name: value"` (a value equal to `value`, as Cilium's exact header match).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRule {
@@ -269,11 +269,55 @@ pub struct IcmpRule {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IcmpField {
-    /// ICMP (or ICMPv6) message type, 0..=255.
+    /// ICMP (or `ICMPv6`) message type: a number 0..=255 or, as Cilium accepts, its CamelCase
+    /// name in Cilium's list for the family (`EchoRequest`, `EchoReply`, `PacketTooBig`, ...).
     #[serde(rename = "type")]
-    pub type_: i64,
+    pub type_: IcmpType,
     #[serde(default)]
     pub family: IcmpFamily,
+}
+
+/// An ICMP type as written: `type: 8`, `type: "8"` or `type: EchoRequest` (Kubernetes
+/// int-or-string, as Cilium's `ICMPField.Type`). Checked against the family by `parse`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum IcmpType {
+    Number(i64),
+    Name(String),
+}
+
+impl Default for IcmpType {
+    fn default() -> Self {
+        IcmpType::Number(0)
+    }
+}
+
+impl From<u8> for IcmpType {
+    fn from(t: u8) -> Self {
+        IcmpType::Number(i64::from(t))
+    }
+}
+
+impl JsonSchema for IcmpType {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IcmpType".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        int_or_string_schema()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+}
+
+/// `x-kubernetes-int-or-string`: the structural-schema way to say "a number or a string"
+/// (without `anyOf`, which kube's structural rewrite would empty).
+fn int_or_string_schema() -> schemars::Schema {
+    schemars::json_schema!({
+        "x-kubernetes-int-or-string": true
+    })
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
@@ -396,19 +440,69 @@ pub struct EndpointSpec {
     /// Pod addresses, needed for pods on other nodes (local pods report theirs through CNI).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<IpAddr>,
+    /// The pod's container ports, as a Pod spec lists them: named ones are what
+    /// `port: http` in a `NetworkPolicy` or a weft `toPorts` entry resolves through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ContainerPort>,
+}
+
+/// One container port of a pod (`name`, `containerPort`, `protocol`), as in a Pod's
+/// `spec.containers[].ports[]`. `parse` checks the name (an IANA service name, unique in the
+/// pod) and the port (1-65535).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `containerPort` as in a Pod; `port` is accepted as a shorter spelling.
+    #[serde(alias = "port")]
+    pub container_port: i64,
+    /// `TCP` when absent, as the API server defaults it.
+    #[serde(default)]
+    pub protocol: ContainerProtocol,
+}
+
+/// The protocols a container port can have.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum ContainerProtocol {
+    #[default]
+    TCP,
+    UDP,
+    SCTP,
+}
+
+impl ContainerProtocol {
+    /// The IP protocol number.
+    #[must_use]
+    pub fn number(self) -> u8 {
+        match self {
+            ContainerProtocol::TCP => crate::ports::IPPROTO_TCP,
+            ContainerProtocol::UDP => crate::ports::IPPROTO_UDP,
+            ContainerProtocol::SCTP => crate::ports::IPPROTO_SCTP,
+        }
+    }
 }
 
 impl Endpoint {
+    #[must_use]
     pub fn name(&self) -> &str {
         self.metadata.name.as_deref().unwrap_or_default()
     }
 
     /// The namespace (`default` once parsed; the parser fills it in).
+    #[must_use]
     pub fn namespace(&self) -> &str {
         self.metadata.namespace.as_deref().unwrap_or("default")
     }
 
+    /// The pod's named ports (see [`crate::ports::named_ports`]).
+    #[must_use]
+    pub fn named_ports(&self) -> crate::ports::NamedPorts {
+        crate::ports::named_ports(&self.spec.ports)
+    }
+
     /// The labels that decide this pod's identity, given its namespace's labels.
+    #[must_use]
     pub fn security_labels(
         &self,
         namespace_labels: &crate::labels::Labels,
@@ -454,7 +548,7 @@ pub use k8s_openapi::api::core::v1::Namespace;
 /// `cargo xtask gen-crds` (which writes them to `crds/`).
 ///
 /// # Errors
-/// Only if serde_yaml fails to serialize a CRD, which would be a bug.
+/// Only if `serde_yaml` fails to serialize a CRD, which would be a bug.
 pub fn crd_yamls() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
     Ok(vec![
         (
@@ -470,6 +564,7 @@ pub fn crd_yamls() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
 
 impl WeftClusterwideNetworkPolicy {
     /// The policy fields shared with [`WeftNetworkPolicy`].
+    #[must_use]
     pub fn policy_spec(&self) -> &PolicySpec {
         &self.spec.0
     }

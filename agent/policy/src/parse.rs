@@ -10,22 +10,24 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use ipnet::IpNet;
-use regex::Regex;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::labels::K8S_NAMESPACE_NAME_LABEL;
 use crate::model::{
-    API_VERSION, AuthMode, Authentication, CidrRule, Endpoint, Entity, IcmpFamily, IcmpRule,
-    L7Rules, LabelSelector, Namespace, Node, PolicySpec, PortProtocol, Protocol,
-    WeftClusterwideNetworkPolicy, WeftNetworkPolicy,
+    API_VERSION, AuthMode, Authentication, CidrRule, EgressDenyRule, EgressRule, Endpoint, Entity,
+    IcmpFamily, IcmpRule, IcmpType, IngressDenyRule, IngressRule, L7Rules, LabelSelector,
+    Namespace, Node, PolicySpec, PortProtocol, Protocol, WeftClusterwideNetworkPolicy,
+    WeftNetworkPolicy,
 };
+use crate::netpol::{self, NetworkPolicy};
 use crate::ports::{
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, PORT_PROTOCOLS,
-    PortPrefix, range_to_prefixes,
+    PortPrefix, is_iana_svc_name, range_to_prefixes,
 };
 use crate::repository::{
-    CidrSelector, L4, L4Match, Peers, Policy, PolicyId, PolicyKind, Rule, Section,
+    CidrSelector, HttpRules, L4, L4Match, NamedPortMatch, Peers, Policy, PolicyId, PolicyKind,
+    Rule, Section, WrittenSpec,
 };
 use crate::selector::Selector;
 
@@ -44,6 +46,7 @@ pub enum Object {
 
 impl Object {
     /// `Kind namespace/name` or `Kind name`.
+    #[must_use]
     pub fn describe(&self) -> String {
         match self {
             Object::Policy(p) => p.id.to_string(),
@@ -63,7 +66,7 @@ impl Object {
 
 /// One problem found in an object, with the field it is about (relative to the object root,
 /// e.g. `spec.ingress[0].toPorts[0].ports[1].port`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FieldProblem {
     pub field: String,
     pub message: String,
@@ -133,7 +136,7 @@ impl ParseError {
 }
 
 const KNOWN_KINDS: &str = "weft.io/v1alpha1 WeftNetworkPolicy, WeftClusterwideNetworkPolicy, \
-                           Endpoint, Node; v1 Namespace";
+                           Endpoint, Node; networking.k8s.io/v1 NetworkPolicy; v1 Namespace";
 
 /// Parse a multi-document YAML file into objects.
 ///
@@ -210,7 +213,10 @@ fn parse_object(n: usize, value: serde_yaml::Value) -> Result<Object, Vec<Proble
         .unwrap_or_default()
         .to_string();
     let namespace = str_at(&value, &["metadata", "namespace"]).map(str::to_string);
-    let namespaced = matches!(kind.as_str(), "WeftNetworkPolicy" | "Endpoint");
+    let namespaced = matches!(
+        kind.as_str(),
+        "WeftNetworkPolicy" | "Endpoint" | "NetworkPolicy"
+    );
     let object = match (namespaced, &namespace) {
         (true, ns) => format!(
             "{kind} {}/{name}",
@@ -244,18 +250,9 @@ fn parse_object(n: usize, value: serde_yaml::Value) -> Result<Object, Vec<Proble
     if name.is_empty() {
         return Err(problem("metadata.name", "is required".into(), None));
     }
-    let wrap = |e: ValidationError| -> Vec<Problem> {
-        e.problems
-            .into_iter()
-            .map(|p| Problem {
-                object: Some(e.object.clone()),
-                problem: p,
-            })
-            .collect()
-    };
     match (api_version.as_str(), kind.as_str()) {
         (API_VERSION, "WeftNetworkPolicy") => {
-            let mut wnp: WeftNetworkPolicy = typed(value).map_err(|p| wrap(named(&object, p)))?;
+            let mut wnp: WeftNetworkPolicy = typed_in(&object, value)?;
             wnp.metadata.namespace = Some(namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into()));
             let policy = compile_policy(&wnp).map_err(wrap)?;
             Ok(Object::Policy(Box::new(policy)))
@@ -268,22 +265,28 @@ fn parse_object(n: usize, value: serde_yaml::Value) -> Result<Object, Vec<Proble
                     Some("remove it, or use a WeftNetworkPolicy to limit the policy to one namespace".into()),
                 ));
             }
-            let wcnp: WeftClusterwideNetworkPolicy =
-                typed(value).map_err(|p| wrap(named(&object, p)))?;
+            let wcnp: WeftClusterwideNetworkPolicy = typed_in(&object, value)?;
             let policy = compile_clusterwide_policy(&wcnp).map_err(wrap)?;
             Ok(Object::Policy(Box::new(policy)))
         }
+        (netpol::API_VERSION, "NetworkPolicy") => {
+            let mut np: NetworkPolicy = typed_in(&object, value)?;
+            np.metadata.namespace = Some(namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into()));
+            let policy = netpol::compile_network_policy(&np).map_err(wrap)?;
+            Ok(Object::Policy(Box::new(policy)))
+        }
         (API_VERSION, "Endpoint") => {
-            let mut ep: Endpoint = typed(value).map_err(|p| wrap(named(&object, p)))?;
+            let mut ep: Endpoint = typed_in(&object, value)?;
             ep.metadata.namespace = Some(namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.into()));
+            validate_endpoint(&ep).map_err(wrap)?;
             Ok(Object::Endpoint(Box::new(ep)))
         }
         (API_VERSION, "Node") => {
-            let node: Node = typed(value).map_err(|p| wrap(named(&object, p)))?;
+            let node: Node = typed_in(&object, value)?;
             Ok(Object::Node(Box::new(node)))
         }
         ("v1", "Namespace") => {
-            let mut ns: Namespace = typed(value).map_err(|p| wrap(named(&object, p)))?;
+            let mut ns: Namespace = typed_in(&object, value)?;
             ns.metadata
                 .labels
                 .get_or_insert_with(Default::default)
@@ -298,15 +301,32 @@ fn parse_object(n: usize, value: serde_yaml::Value) -> Result<Object, Vec<Proble
     }
 }
 
-fn named(object: &str, problem: FieldProblem) -> ValidationError {
-    ValidationError {
-        object: object.to_string(),
-        problems: vec![problem],
-    }
+/// The problems of one object, for a file's list.
+fn wrap(e: ValidationError) -> Vec<Problem> {
+    e.problems
+        .into_iter()
+        .map(|p| Problem {
+            object: Some(e.object.clone()),
+            problem: p,
+        })
+        .collect()
+}
+
+/// [`typed`], with a failure attributed to `object`.
+fn typed_in<T: DeserializeOwned>(
+    object: &str,
+    value: serde_yaml::Value,
+) -> Result<T, Vec<Problem>> {
+    typed(value).map_err(|p| {
+        vec![Problem {
+            object: Some(object.to_string()),
+            problem: p,
+        }]
+    })
 }
 
 /// Deserialize with the path of the failing field.
-fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, FieldProblem> {
+pub(crate) fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, FieldProblem> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
         let message = e.inner().to_string();
@@ -322,6 +342,46 @@ fn typed<T: DeserializeOwned>(value: serde_yaml::Value) -> Result<T, FieldProble
         }
     })
 }
+
+/// Validate an `Endpoint`'s container ports as the API server validates a Pod's: a name is
+/// an `IANA_SVC_NAME` and unique in the pod, a port is 1-65535.
+///
+/// # Errors
+/// Every problem found, with field paths.
+pub fn validate_endpoint(ep: &Endpoint) -> Result<(), ValidationError> {
+    let mut problems = Problems::default();
+    let mut names = BTreeSet::new();
+    for (i, p) in ep.spec.ports.iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        if !(1..=65535).contains(&p.container_port) {
+            problems.push(
+                format!("{field}.containerPort"),
+                format!("{} is not a port (1-65535)", p.container_port),
+                None,
+            );
+        }
+        if let Some(name) = &p.name {
+            if !is_iana_svc_name(name) {
+                problems.push(
+                    format!("{field}.name"),
+                    format!("{name:?} is not a valid port name"),
+                    Some(IANA_SVC_NAME_HINT),
+                );
+            } else if !names.insert(name.as_str()) {
+                problems.push(
+                    format!("{field}.name"),
+                    format!("port name {name:?} is used twice in this pod"),
+                    Some("each named port of a pod needs its own name"),
+                );
+            }
+        }
+    }
+    problems.into_result(&format!("Endpoint {}/{}", ep.namespace(), ep.name()))
+}
+
+/// What a port name must look like, for hints.
+pub(crate) const IANA_SVC_NAME_HINT: &str = "a port name (IANA_SVC_NAME) has 1-15 characters \
+    a-z, 0-9 and '-', at least one letter, and no '-' at either end or twice in a row";
 
 // === policy compilation ===
 
@@ -359,16 +419,33 @@ pub fn compile_clusterwide_policy(
     compile_spec(id, wcnp.policy_spec())
 }
 
+/// Problems collected while validating one object.
 #[derive(Default)]
-struct Problems(Vec<FieldProblem>);
+pub(crate) struct Problems(pub(crate) Vec<FieldProblem>);
 
 impl Problems {
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>, hint: Option<&str>) {
+    pub(crate) fn push(
+        &mut self,
+        field: impl Into<String>,
+        message: impl Into<String>,
+        hint: Option<&str>,
+    ) {
         self.0.push(FieldProblem {
             field: field.into(),
             message: message.into(),
             hint: hint.map(str::to_string),
         });
+    }
+
+    pub(crate) fn into_result(self, object: &str) -> Result<(), ValidationError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationError {
+                object: object.to_string(),
+                problems: self.0,
+            })
+        }
     }
 }
 
@@ -390,109 +467,28 @@ fn compile_spec(id: PolicyId, spec: &PolicySpec) -> Result<Policy, ValidationErr
         }
     };
     let mut sections = std::collections::BTreeMap::new();
-    if let Some(rules) = &spec.ingress {
-        let out = rules
+    let mut compile = |section: Section, views: Vec<RuleView<'_>>| -> Vec<Rule> {
+        views
             .iter()
             .enumerate()
-            .map(|(i, r)| {
-                compile_rule(
-                    &mut problems,
-                    ns,
-                    Section::Ingress,
-                    i,
-                    RuleView {
-                        endpoints: &r.from_endpoints,
-                        entities: &r.from_entities,
-                        cidr: &r.from_cidr,
-                        cidr_set: &r.from_cidr_set,
-                        port_rules: r
-                            .to_ports
-                            .iter()
-                            .map(|p| (&p.ports[..], p.rules.as_ref()))
-                            .collect(),
-                        icmps: &r.icmps,
-                        authentication: r.authentication.as_ref(),
-                    },
-                )
-            })
-            .collect();
-        sections.insert(Section::Ingress, out);
+            .map(|(i, v)| compile_rule(&mut problems, ns, section, i, v))
+            .collect()
+    };
+    if let Some(rules) = &spec.ingress {
+        let views = rules.iter().map(RuleView::ingress).collect();
+        sections.insert(Section::Ingress, compile(Section::Ingress, views));
     }
     if let Some(rules) = &spec.ingress_deny {
-        let out = rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                compile_rule(
-                    &mut problems,
-                    ns,
-                    Section::IngressDeny,
-                    i,
-                    RuleView {
-                        endpoints: &r.from_endpoints,
-                        entities: &r.from_entities,
-                        cidr: &r.from_cidr,
-                        cidr_set: &r.from_cidr_set,
-                        port_rules: r.to_ports.iter().map(|p| (&p.ports[..], None)).collect(),
-                        icmps: &r.icmps,
-                        authentication: None,
-                    },
-                )
-            })
-            .collect();
-        sections.insert(Section::IngressDeny, out);
+        let views = rules.iter().map(RuleView::ingress_deny).collect();
+        sections.insert(Section::IngressDeny, compile(Section::IngressDeny, views));
     }
     if let Some(rules) = &spec.egress {
-        let out = rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                compile_rule(
-                    &mut problems,
-                    ns,
-                    Section::Egress,
-                    i,
-                    RuleView {
-                        endpoints: &r.to_endpoints,
-                        entities: &r.to_entities,
-                        cidr: &r.to_cidr,
-                        cidr_set: &r.to_cidr_set,
-                        port_rules: r
-                            .to_ports
-                            .iter()
-                            .map(|p| (&p.ports[..], p.rules.as_ref()))
-                            .collect(),
-                        icmps: &r.icmps,
-                        authentication: r.authentication.as_ref(),
-                    },
-                )
-            })
-            .collect();
-        sections.insert(Section::Egress, out);
+        let views = rules.iter().map(RuleView::egress).collect();
+        sections.insert(Section::Egress, compile(Section::Egress, views));
     }
     if let Some(rules) = &spec.egress_deny {
-        let out = rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                compile_rule(
-                    &mut problems,
-                    ns,
-                    Section::EgressDeny,
-                    i,
-                    RuleView {
-                        endpoints: &r.to_endpoints,
-                        entities: &r.to_entities,
-                        cidr: &r.to_cidr,
-                        cidr_set: &r.to_cidr_set,
-                        port_rules: r.to_ports.iter().map(|p| (&p.ports[..], None)).collect(),
-                        icmps: &r.icmps,
-                        authentication: None,
-                    },
-                )
-            })
-            .collect();
-        sections.insert(Section::EgressDeny, out);
+        let views = rules.iter().map(RuleView::egress_deny).collect();
+        sections.insert(Section::EgressDeny, compile(Section::EgressDeny, views));
     }
     if !problems.0.is_empty() {
         return Err(ValidationError {
@@ -505,7 +501,8 @@ fn compile_spec(id: PolicyId, spec: &PolicySpec) -> Result<Policy, ValidationErr
         enforcement: spec.enforcement,
         subject,
         sections,
-        spec: spec.clone(),
+        spec: WrittenSpec::Weft(spec.clone()),
+        warnings: Vec::new(),
     })
 }
 
@@ -520,18 +517,110 @@ struct RuleView<'a> {
     authentication: Option<&'a Authentication>,
 }
 
+impl<'a> RuleView<'a> {
+    fn ingress(r: &'a IngressRule) -> Self {
+        RuleView {
+            endpoints: &r.from_endpoints,
+            entities: &r.from_entities,
+            cidr: &r.from_cidr,
+            cidr_set: &r.from_cidr_set,
+            port_rules: r
+                .to_ports
+                .iter()
+                .map(|p| (&p.ports[..], p.rules.as_ref()))
+                .collect(),
+            icmps: &r.icmps,
+            authentication: r.authentication.as_ref(),
+        }
+    }
+
+    fn ingress_deny(r: &'a IngressDenyRule) -> Self {
+        RuleView {
+            endpoints: &r.from_endpoints,
+            entities: &r.from_entities,
+            cidr: &r.from_cidr,
+            cidr_set: &r.from_cidr_set,
+            port_rules: r.to_ports.iter().map(|p| (&p.ports[..], None)).collect(),
+            icmps: &r.icmps,
+            authentication: None,
+        }
+    }
+
+    fn egress(r: &'a EgressRule) -> Self {
+        RuleView {
+            endpoints: &r.to_endpoints,
+            entities: &r.to_entities,
+            cidr: &r.to_cidr,
+            cidr_set: &r.to_cidr_set,
+            port_rules: r
+                .to_ports
+                .iter()
+                .map(|p| (&p.ports[..], p.rules.as_ref()))
+                .collect(),
+            icmps: &r.icmps,
+            authentication: r.authentication.as_ref(),
+        }
+    }
+
+    fn egress_deny(r: &'a EgressDenyRule) -> Self {
+        RuleView {
+            endpoints: &r.to_endpoints,
+            entities: &r.to_entities,
+            cidr: &r.to_cidr,
+            cidr_set: &r.to_cidr_set,
+            port_rules: r.to_ports.iter().map(|p| (&p.ports[..], None)).collect(),
+            icmps: &r.icmps,
+            authentication: None,
+        }
+    }
+}
+
 fn compile_rule(
     problems: &mut Problems,
     ns: Option<&str>,
     section: Section,
     index: usize,
-    r: RuleView<'_>,
+    r: &RuleView<'_>,
 ) -> Rule {
     let base = format!("spec.{}[{index}]", section.field());
     let dir = match section {
         Section::Ingress | Section::IngressDeny => "from",
         Section::Egress | Section::EgressDeny => "to",
     };
+    let peers = compile_peers(problems, ns, &base, dir, r);
+    let mut named = BTreeSet::new();
+    let mut http = Vec::new();
+    let l4 = compile_l4(problems, &base, r, &mut named, &mut http);
+    let auth_required = r
+        .authentication
+        .is_some_and(|a| a.mode == AuthMode::Required);
+    if auth_required
+        && (!r.cidr.is_empty() || !r.cidr_set.is_empty() || r.entities.contains(&Entity::World))
+    {
+        problems.push(
+            format!("{base}.authentication"),
+            format!("authentication is required, but {dir}CIDR/{dir}CIDRSet/world peers have no SPIFFE identity and could never authenticate"),
+            Some("put peers outside the cluster in a rule without authentication"),
+        );
+    }
+    Rule {
+        section,
+        index,
+        peers,
+        l4,
+        named_ports: named.into_iter().collect(),
+        auth_required,
+        http,
+    }
+}
+
+fn compile_peers(
+    problems: &mut Problems,
+    ns: Option<&str>,
+    base: &str,
+    dir: &str,
+    r: &RuleView<'_>,
+) -> Peers {
     let mut peers = Peers::default();
     for (j, sel) in r.endpoints.iter().enumerate() {
         match Selector::compile(sel) {
@@ -581,72 +670,93 @@ fn compile_rule(
         && r.entities.is_empty()
         && r.cidr.is_empty()
         && r.cidr_set.is_empty();
+    peers
+}
 
-    let l4 = if r.port_rules.is_empty() && r.icmps.is_empty() {
-        L4::Any
-    } else {
-        let mut matches = BTreeSet::new();
-        for (p, (ports, l7)) in r.port_rules.iter().enumerate() {
-            let pfield = format!("{base}.toPorts[{p}]");
-            let has_l7 = l7.is_some_and(|l7| !l7.http.is_empty());
-            if let Some(l7) = l7 {
-                validate_http(problems, &format!("{pfield}.rules"), l7);
+fn compile_l4(
+    problems: &mut Problems,
+    base: &str,
+    r: &RuleView<'_>,
+    named: &mut BTreeSet<NamedPortMatch>,
+    http: &mut Vec<HttpRules>,
+) -> L4 {
+    if r.port_rules.is_empty() && r.icmps.is_empty() {
+        return L4::Any;
+    }
+    let mut matches = BTreeSet::new();
+    for (p, (ports, l7)) in r.port_rules.iter().enumerate() {
+        let pfield = format!("{base}.toPorts[{p}]");
+        let mut has_l7 = None;
+        if let Some(l7) = l7 {
+            validate_http(problems, &format!("{pfield}.rules"), l7);
+            if !l7.http.is_empty() {
+                has_l7 = Some(u16::try_from(http.len()).unwrap_or(u16::MAX));
+                http.push(l7.http.clone().into());
             }
-            let implicit = [PortProtocol::default()];
-            let ports: &[PortProtocol] = if ports.is_empty() { &implicit } else { ports };
-            for (q, pp) in ports.iter().enumerate() {
-                compile_port(
-                    problems,
-                    &format!("{pfield}.ports[{q}]"),
-                    pp,
-                    has_l7,
-                    &mut matches,
+        }
+        let implicit = [PortProtocol::default()];
+        let ports: &[PortProtocol] = if ports.is_empty() { &implicit } else { ports };
+        for (q, pp) in ports.iter().enumerate() {
+            compile_port(
+                problems,
+                &format!("{pfield}.ports[{q}]"),
+                pp,
+                has_l7,
+                &mut matches,
+                named,
+            );
+        }
+    }
+    for (p, icmp) in r.icmps.iter().enumerate() {
+        for (f, field) in icmp.fields.iter().enumerate() {
+            let ffield = format!("{base}.icmps[{p}].fields[{f}].type");
+            let Some(t) = icmp_type(problems, &ffield, &field.type_, field.family) else {
+                continue;
+            };
+            let protocol = match field.family {
+                IcmpFamily::IPv4 => IPPROTO_ICMP,
+                IcmpFamily::IPv6 => IPPROTO_ICMPV6,
+            };
+            matches.insert(L4Match {
+                protocol,
+                port: PortPrefix::icmp_type(t),
+                l7: None,
+            });
+        }
+    }
+    L4::Ports(matches.into_iter().collect())
+}
+
+/// An ICMP type by number (0-255, also as a decimal string, as Kubernetes' int-or-string
+/// reads it) or by Cilium's name for the family.
+fn icmp_type(problems: &mut Problems, field: &str, t: &IcmpType, family: IcmpFamily) -> Option<u8> {
+    let number = match t {
+        IcmpType::Number(n) => Some(*n),
+        IcmpType::Name(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(s.parse::<i64>().unwrap_or(i64::MAX))
+        }
+        IcmpType::Name(name) => {
+            let found = crate::icmp::type_by_name(family, name);
+            if found.is_none() {
+                let hint = format!(
+                    "write a type number 0-255 or one of the {family:?} names: {}",
+                    crate::icmp::names(family)
+                );
+                problems.push(
+                    field,
+                    format!("{name:?} is not an {family:?} ICMP type name"),
+                    Some(&hint),
                 );
             }
+            return found;
         }
-        for (p, icmp) in r.icmps.iter().enumerate() {
-            for (f, field) in icmp.fields.iter().enumerate() {
-                let ffield = format!("{base}.icmps[{p}].fields[{f}].type");
-                let Ok(t) = u8::try_from(field.type_) else {
-                    problems.push(
-                        ffield,
-                        format!("{} is not an ICMP type (0-255)", field.type_),
-                        None,
-                    );
-                    continue;
-                };
-                let protocol = match field.family {
-                    IcmpFamily::IPv4 => IPPROTO_ICMP,
-                    IcmpFamily::IPv6 => IPPROTO_ICMPV6,
-                };
-                matches.insert(L4Match {
-                    protocol,
-                    port: PortPrefix::icmp_type(t),
-                    l7: false,
-                });
-            }
-        }
-        L4::Ports(matches.into_iter().collect())
     };
-    let auth_required = r
-        .authentication
-        .is_some_and(|a| a.mode == AuthMode::Required);
-    if auth_required
-        && (!r.cidr.is_empty() || !r.cidr_set.is_empty() || r.entities.contains(&Entity::World))
-    {
-        problems.push(
-            format!("{base}.authentication"),
-            format!("authentication is required, but {dir}CIDR/{dir}CIDRSet/world peers have no SPIFFE identity and could never authenticate"),
-            Some("put peers outside the cluster in a rule without authentication"),
-        );
+    let n = number?;
+    let t = u8::try_from(n).ok();
+    if t.is_none() {
+        problems.push(field, format!("{n} is not an ICMP type (0-255)"), None);
     }
-    Rule {
-        section,
-        index,
-        peers,
-        l4,
-        auth_required,
-    }
+    t
 }
 
 fn parse_cidr(problems: &mut Problems, field: &str, text: &str) -> Option<IpNet> {
@@ -668,27 +778,31 @@ fn compile_port(
     problems: &mut Problems,
     field: &str,
     pp: &PortProtocol,
-    l7: bool,
+    http: Option<u16>,
     out: &mut BTreeSet<L4Match>,
+    named: &mut BTreeSet<NamedPortMatch>,
 ) {
+    let l7 = http.is_some();
     let text = pp.port.as_deref().unwrap_or("0");
     let port: u16 = if text.chars().all(|c| c.is_ascii_digit()) && !text.is_empty() {
-        match text.parse::<u32>().ok().and_then(|p| u16::try_from(p).ok()) {
-            Some(p) => p,
-            None => {
-                problems.push(
-                    format!("{field}.port"),
-                    format!("{text:?} is not a port (1-65535)"),
-                    Some("\"0\" means every port"),
-                );
-                return;
-            }
+        if let Some(p) = text.parse::<u32>().ok().and_then(|p| u16::try_from(p).ok()) {
+            p
+        } else {
+            problems.push(
+                format!("{field}.port"),
+                format!("{text:?} is not a port (1-65535)"),
+                Some("\"0\" means every port"),
+            );
+            return;
         }
+    } else if is_iana_svc_name(text) {
+        compile_named_port(problems, field, pp, text, http, named);
+        return;
     } else {
         problems.push(
             format!("{field}.port"),
-            format!("{text:?} is not a port number"),
-            Some("named ports are not supported yet; write the container port number"),
+            format!("{text:?} is neither a port number nor a port name"),
+            Some(IANA_SVC_NAME_HINT),
         );
         return;
     };
@@ -763,9 +877,61 @@ fn compile_port(
             out.insert(L4Match {
                 protocol,
                 port: prefix,
-                l7,
+                l7: http,
             });
         }
+    }
+}
+
+/// A weft port rule naming a port (`port: http`): resolved per pod by `resolve`. As with a
+/// number, no protocol (or `ANY`) means TCP, UDP and SCTP (only TCP with HTTP rules); the
+/// named container port must have the protocol to match.
+fn compile_named_port(
+    problems: &mut Problems,
+    field: &str,
+    pp: &PortProtocol,
+    name: &str,
+    http: Option<u16>,
+    named: &mut BTreeSet<NamedPortMatch>,
+) {
+    let l7 = http.is_some();
+    if pp.end_port.is_some() {
+        problems.push(
+            format!("{field}.endPort"),
+            "endPort needs a numbered port to start the range",
+            Some("a named port is one port; write numbers for a range"),
+        );
+        return;
+    }
+    let protocols: Vec<u8> = match pp.protocol {
+        Protocol::TCP => vec![IPPROTO_TCP],
+        Protocol::UDP => vec![IPPROTO_UDP],
+        Protocol::SCTP => vec![IPPROTO_SCTP],
+        Protocol::ANY if l7 => vec![IPPROTO_TCP],
+        Protocol::ANY => PORT_PROTOCOLS.to_vec(),
+        Protocol::ICMP | Protocol::ICMPv6 => {
+            problems.push(
+                format!("{field}.port"),
+                format!("ICMP has no ports, got {name:?}"),
+                Some("select ICMP message types with `icmps: [{fields: [{type: EchoRequest}]}]`"),
+            );
+            return;
+        }
+    };
+    if l7 && protocols != [IPPROTO_TCP] {
+        problems.push(
+            format!("{field}.protocol"),
+            format!("HTTP rules need TCP, but this port is {:?}", pp.protocol),
+            Some("L7 rules apply to TCP ports only; move the rules or change the protocol"),
+        );
+        return;
+    }
+    for protocol in protocols {
+        named.insert(NamedPortMatch {
+            name: name.to_string(),
+            protocol,
+            l7: http,
+        });
     }
 }
 
@@ -782,21 +948,15 @@ fn validate_http(problems: &mut Problems, field: &str, l7: &L7Rules) {
             }
         }
         for (i, header) in rule.headers.iter().enumerate() {
-            let field = format!("{hf}.headers[{i}]");
-            let (name, value) = match header.split_once(':') {
-                Some((n, v)) => (n.trim(), Some(v.trim())),
-                None => (header.trim(), None),
-            };
-            if name.is_empty() || name.contains(char::is_whitespace) {
+            if crate::http::split_header_rule(header).is_none() {
                 problems.push(
-                    field,
+                    format!("{hf}.headers[{i}]"),
                     format!("{header:?} is not a header rule"),
-                    Some("write \"Name\" (header present) or \"Name: value-regex\""),
+                    Some(
+                        "write \"Name\" (header present) or \"Name: value\" (exact value); \
+                         a name is an HTTP token, a value has no control characters",
+                    ),
                 );
-                continue;
-            }
-            if let Some(v) = value {
-                check_regex(problems, &field, v);
             }
         }
     }
@@ -804,7 +964,7 @@ fn validate_http(problems: &mut Problems, field: &str, l7: &L7Rules) {
 
 /// Rules match the whole value, so the regex is compiled anchored, as the L7 filter will.
 fn check_regex(problems: &mut Problems, field: &str, re: &str) {
-    if let Err(e) = Regex::new(&format!("^(?:{re})$")) {
+    if let Err(e) = crate::http::anchored(re) {
         let msg = e.to_string();
         let first = msg.lines().last().unwrap_or(&msg).trim().to_string();
         problems.push(

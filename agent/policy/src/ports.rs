@@ -3,9 +3,12 @@
 //!
 //! Owns only arithmetic on `u16`; knows nothing about rules or identities.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+use crate::model::ContainerPort;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -17,6 +20,7 @@ pub const IPPROTO_SCTP: u8 = 132;
 pub const PORT_PROTOCOLS: [u8; 3] = [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP];
 
 /// Short name of an IP protocol number, for display.
+#[must_use]
 pub fn protocol_name(protocol: u8) -> String {
     match protocol {
         IPPROTO_ICMP => "ICMP".into(),
@@ -26,6 +30,69 @@ pub fn protocol_name(protocol: u8) -> String {
         IPPROTO_SCTP => "SCTP".into(),
         other => other.to_string(),
     }
+}
+
+/// A concrete port of a pod: IP protocol and port number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ProtoPort {
+    pub protocol: u8,
+    pub port: u16,
+}
+
+/// Named ports of a pod (or of every pod of one identity): `name -> {(protocol, port)}`.
+///
+/// A set per name because pods sharing an identity may number the same name differently;
+/// policy then allows each of them (the datapath keys on identity, not on the pod).
+pub type NamedPorts = BTreeMap<String, BTreeSet<ProtoPort>>;
+
+/// The named ports among a pod's container ports. Unnamed ports and ports out of range are
+/// left out (`parse` has rejected the latter already).
+#[must_use]
+pub fn named_ports(ports: &[ContainerPort]) -> NamedPorts {
+    let mut out = NamedPorts::new();
+    for p in ports {
+        let (Some(name), Ok(port)) = (&p.name, u16::try_from(p.container_port)) else {
+            continue;
+        };
+        out.entry(name.clone()).or_default().insert(ProtoPort {
+            protocol: p.protocol.number(),
+            port,
+        });
+    }
+    out
+}
+
+/// Named ports per identity, from every pod of the cluster (`(identity, its container
+/// ports)`), for `ResolveInput::named_ports`: egress rules naming a port resolve through the
+/// ports of the peer identities.
+pub fn named_ports_by_identity<'a>(
+    pods: impl IntoIterator<Item = (u32, &'a [ContainerPort])>,
+) -> BTreeMap<u32, NamedPorts> {
+    let mut out: BTreeMap<u32, NamedPorts> = BTreeMap::new();
+    for (identity, ports) in pods {
+        let table = out.entry(identity).or_default();
+        for (name, set) in named_ports(ports) {
+            table.entry(name).or_default().extend(set);
+        }
+    }
+    out.retain(|_, t| !t.is_empty());
+    out
+}
+
+/// Whether `name` is an `IANA_SVC_NAME` (RFC 6335 section 5.1, as Kubernetes checks container
+/// port names): 1-15 characters of `a-z`, `0-9` and `-`, at least one letter, no `-` at either
+/// end and no `--`.
+#[must_use]
+pub fn is_iana_svc_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
 }
 
 /// The ports whose top `prefix_len` bits equal those of `port`. `prefix_len` 0 is every port,
@@ -46,6 +113,7 @@ impl PortPrefix {
     };
 
     /// Exactly `port`.
+    #[must_use]
     pub const fn exact(port: u16) -> Self {
         PortPrefix {
             port,
@@ -54,6 +122,7 @@ impl PortPrefix {
     }
 
     /// Every code of ICMP message type `icmp_type`.
+    #[must_use]
     pub const fn icmp_type(icmp_type: u8) -> Self {
         PortPrefix {
             port: (icmp_type as u16) << 8,
@@ -62,6 +131,7 @@ impl PortPrefix {
     }
 
     /// `port` masked to `prefix_len` bits (`prefix_len` is clamped to 16).
+    #[must_use]
     pub fn new(port: u16, prefix_len: u8) -> Self {
         let prefix_len = prefix_len.min(16);
         PortPrefix {
@@ -78,25 +148,30 @@ impl PortPrefix {
         }
     }
 
+    #[must_use]
     pub fn is_any(self) -> bool {
         self.prefix_len == 0
     }
 
     /// First port of the prefix.
+    #[must_use]
     pub fn first(self) -> u16 {
         self.port
     }
 
     /// Last port of the prefix.
+    #[must_use]
     pub fn last(self) -> u16 {
         self.port | !Self::mask(self.prefix_len)
     }
 
+    #[must_use]
     pub fn contains_port(self, port: u16) -> bool {
         port & Self::mask(self.prefix_len) == self.port
     }
 
     /// Whether every port of `other` is in `self` (a prefix covers itself).
+    #[must_use]
     pub fn covers(self, other: PortPrefix) -> bool {
         self.prefix_len <= other.prefix_len && self.contains_port(other.port)
     }
@@ -114,6 +189,7 @@ impl fmt::Display for PortPrefix {
 
 /// The minimal set of aligned prefixes whose union is exactly `start..=end`, in ascending
 /// order (empty when `start > end`). `0..=65535` is the single prefix [`PortPrefix::ANY`].
+#[must_use]
 pub fn range_to_prefixes(start: u16, end: u16) -> Vec<PortPrefix> {
     let mut out = Vec::new();
     if start > end {
@@ -131,7 +207,10 @@ pub fn range_to_prefixes(start: u16, end: u16) -> Vec<PortPrefix> {
         while size_bits > 0 && cur + (1u32 << size_bits) - 1 > end {
             size_bits -= 1;
         }
-        // cur < 2^16, so the cast is lossless; size_bits <= 16.
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "cur <= end < 2^16 and size_bits <= 16, so both casts are lossless"
+        )]
         out.push(PortPrefix::new(cur as u16, (16 - size_bits) as u8));
         cur += 1u32 << size_bits;
     }
@@ -145,7 +224,7 @@ mod tests {
 
     #[test]
     fn range_table() {
-        /// (start, end, expected (port, prefix_len) list)
+        /// (start, end, expected (port, `prefix_len`) list)
         type Row = (u16, u16, &'static [(u16, u8)]);
         let cases: &[Row] = &[
             (80, 80, &[(80, 16)]),

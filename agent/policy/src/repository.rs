@@ -6,11 +6,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::model::{Enforcement, Entity, PolicySpec};
+use crate::model::{Enforcement, Entity, HttpRule, PolicySpec};
+use crate::netpol::NetworkPolicySpec;
+use crate::parse::FieldProblem;
 use crate::ports::PortPrefix;
 use crate::selector::Selector;
 
@@ -18,6 +21,8 @@ use crate::selector::Selector;
 pub enum PolicyKind {
     WeftNetworkPolicy,
     WeftClusterwideNetworkPolicy,
+    /// A Kubernetes `networking.k8s.io/v1` `NetworkPolicy`, translated by `netpol`.
+    NetworkPolicy,
 }
 
 impl fmt::Display for PolicyKind {
@@ -25,6 +30,7 @@ impl fmt::Display for PolicyKind {
         f.write_str(match self {
             PolicyKind::WeftNetworkPolicy => "WeftNetworkPolicy",
             PolicyKind::WeftClusterwideNetworkPolicy => "WeftClusterwideNetworkPolicy",
+            PolicyKind::NetworkPolicy => "NetworkPolicy",
         })
     }
 }
@@ -65,6 +71,7 @@ impl Section {
     ];
 
     /// The YAML field name (`ingressDeny`).
+    #[must_use]
     pub fn field(self) -> &'static str {
         match self {
             Section::Ingress => "ingress",
@@ -74,6 +81,7 @@ impl Section {
         }
     }
 
+    #[must_use]
     pub fn is_deny(self) -> bool {
         matches!(self, Section::IngressDeny | Section::EgressDeny)
     }
@@ -101,16 +109,31 @@ pub struct Peers {
 pub struct L4Match {
     pub protocol: u8,
     pub port: PortPrefix,
-    /// The port rule carries HTTP rules: traffic must go through the L7 filter.
-    pub l7: bool,
+    /// The port rule carries HTTP rules (their index in [`Rule::http`]): traffic must go
+    /// through the L7 filter.
+    pub l7: Option<u16>,
+}
+
+/// A port named in a rule (`port: http`), kept by name: it means a number only once the pods
+/// it applies to are known (`resolve`: the selected endpoint's ports for ingress, each peer
+/// identity's ports for egress).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct NamedPortMatch {
+    pub name: String,
+    /// IP protocol the named port must have (a rule port of any protocol yields one match
+    /// per protocol of [`crate::ports::PORT_PROTOCOLS`]).
+    pub protocol: u8,
+    /// The port rule carries HTTP rules (their index in [`Rule::http`]).
+    pub l7: Option<u16>,
 }
 
 /// What a rule matches at L4.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum L4 {
-    /// No `toPorts` and no `icmps`: every protocol, ICMP included.
+    /// No `toPorts`/`ports` and no `icmps`: every protocol, ICMP included.
     Any,
-    /// Exactly these (protocol, port) prefixes; never empty.
+    /// Exactly these (protocol, port) prefixes, plus the rule's `named_ports`. Empty only when
+    /// every port the rule names is named.
     Ports(Vec<L4Match>),
 }
 
@@ -121,8 +144,24 @@ pub struct Rule {
     pub index: usize,
     pub peers: Peers,
     pub l4: L4,
+    /// Ports named instead of numbered (only with [`L4::Ports`]).
+    pub named_ports: Vec<NamedPortMatch>,
     /// `authentication.mode: required`.
     pub auth_required: bool,
+    /// The HTTP rules of the rule's `toPorts` entries that have some, indexed by
+    /// [`L4Match::l7`] and [`NamedPortMatch::l7`].
+    pub http: Vec<HttpRules>,
+}
+
+/// The HTTP rules of one `toPorts` entry, shared by every key it yields.
+pub type HttpRules = Arc<[HttpRule]>;
+
+impl Rule {
+    /// `ingress[0]`: the rule's place in its policy, as `derived_from` and status name it.
+    #[must_use]
+    pub fn path(&self) -> String {
+        format!("{}[{}]", self.section.field(), self.index)
+    }
 }
 
 /// A validated policy, ready for resolution.
@@ -133,9 +172,22 @@ pub struct Policy {
     /// The endpoint selector, scoped to the namespace for namespaced policies.
     pub subject: Selector,
     /// Rules per section; `None` when the section is absent (a present empty list isolates).
+    /// A `NetworkPolicy` has a section exactly for each of its (defaulted) `policyTypes`.
     pub sections: BTreeMap<Section, Vec<Rule>>,
-    /// The spec as written, for `weft policy get`.
-    pub spec: PolicySpec,
+    /// The spec as written (with the API server's defaults filled in), for `weft policy get`.
+    pub spec: WrittenSpec,
+    /// What was accepted but deserves a word (a `NetworkPolicy` `egress` section that its
+    /// `policyTypes` leave without effect, a selector on a label that is never part of an
+    /// identity): shown in the `Enforced` condition by `status`.
+    pub warnings: Vec<FieldProblem>,
+}
+
+/// The spec of a policy object, by dialect.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum WrittenSpec {
+    Weft(PolicySpec),
+    NetworkPolicy(NetworkPolicySpec),
 }
 
 impl Policy {
@@ -144,6 +196,7 @@ impl Policy {
     }
 
     /// Every prefix this policy names (`cidr` and `except`), which need CIDR identities.
+    #[must_use]
     pub fn cidr_prefixes(&self) -> BTreeSet<IpNet> {
         let mut out = BTreeSet::new();
         for rule in self.sections.values().flatten() {
@@ -164,6 +217,7 @@ pub struct Repository {
 }
 
 impl Repository {
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -186,6 +240,7 @@ impl Repository {
         removed
     }
 
+    #[must_use]
     pub fn get(&self, id: &PolicyId) -> Option<&Policy> {
         self.policies.get(id)
     }
@@ -194,15 +249,18 @@ impl Repository {
         self.policies.values()
     }
 
+    #[must_use]
     pub fn len(&self) -> usize {
         self.policies.len()
     }
 
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.policies.is_empty()
     }
 
     /// Bumped on every change; lets callers skip resolution when nothing changed.
+    #[must_use]
     pub fn revision(&self) -> u64 {
         self.revision
     }

@@ -24,6 +24,7 @@ pub enum Requirement {
 }
 
 impl Requirement {
+    #[must_use]
     pub fn key(&self) -> &str {
         match self {
             Requirement::In(k, _)
@@ -33,6 +34,7 @@ impl Requirement {
         }
     }
 
+    #[must_use]
     pub fn matches(&self, labels: &Labels) -> bool {
         match self {
             Requirement::In(k, values) => labels.get(k).is_some_and(|v| values.contains(v)),
@@ -112,16 +114,19 @@ impl Selector {
         Ok(Selector { requirements })
     }
 
+    #[must_use]
     pub fn matches(&self, labels: &Labels) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
     }
 
     /// Whether any requirement is about `key` (used for namespace scoping).
+    #[must_use]
     pub fn names_key(&self, key: &str) -> bool {
         self.requirements.iter().any(|r| r.key() == key)
     }
 
     /// This selector limited to endpoints of `namespace`.
+    #[must_use]
     pub fn scoped_to(mut self, namespace: &str) -> Selector {
         self.requirements.push(Requirement::In(
             NAMESPACE_LABEL.into(),
@@ -132,6 +137,7 @@ impl Selector {
 
     /// Peer selector scoping of a namespaced policy: limited to the policy's namespace unless
     /// the selector itself says which namespace(s) it means by naming `weft.io/namespace`.
+    #[must_use]
     pub fn scoped_peer(self, namespace: Option<&str>) -> Selector {
         match namespace {
             Some(ns) if !self.names_key(NAMESPACE_LABEL) => self.scoped_to(ns),

@@ -1,10 +1,12 @@
 //! `weft-agent`: the per-node daemon.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use weft_agent::config::EncryptionMode;
 use weft_agent::daemon::{self, Config};
 
 #[derive(Parser)]
@@ -17,6 +19,13 @@ struct Args {
     /// agent stays in the host's mount namespace so it shares bpffs and the socket directory.
     #[arg(long)]
     netns: Option<PathBuf>,
+    /// This node's underlay address (repeatable, or comma-separated; IPv4 and IPv6): with
+    /// `--pod-cidr`, the agent publishes the node's `Node` object into the source.
+    #[arg(long = "node-address", value_delimiter = ',')]
+    node_addresses: Vec<std::net::IpAddr>,
+    /// A pod CIDR of this node (repeatable, or comma-separated; IPv4 and IPv6).
+    #[arg(long = "pod-cidr", value_delimiter = ',')]
+    pod_cidrs: Vec<ipnet::IpNet>,
     /// Directory of YAML objects (the local source).
     #[arg(long, default_value = "/etc/weft/objects")]
     source_dir: PathBuf,
@@ -32,18 +41,44 @@ struct Args {
     /// Conntrack garbage collection interval in seconds.
     #[arg(long, default_value_t = 30)]
     ct_gc_interval: u64,
+    /// Seconds a released identity waits before another label set may take its id.
+    #[arg(long, default_value_t = 600)]
+    identity_grace: u64,
+    /// Most policy-map entries one endpoint may have; a policy needing more is refused for
+    /// that endpoint, which keeps its previous policy.
+    #[arg(long, default_value_t = 65_536)]
+    policy_entries_per_endpoint: usize,
+    /// Most API connections open at once; past it the one idle the longest is closed, and
+    /// when none is idle a new one is answered `overloaded`. At most 64 requests are served
+    /// at the same time.
+    #[arg(long, default_value_t = 1024)]
+    max_api_connections: usize,
+    /// Seconds an API connection may wait without sending a request before it is closed.
+    #[arg(long, default_value_t = 10)]
+    api_idle_timeout: u64,
+    /// Encrypt pod traffic between nodes: `wireguard` creates device `weft_wg0` with the
+    /// other nodes as peers (every node of the cluster must run with it). Off by default.
+    #[arg(long, value_enum, default_value_t = EncryptionMode::Off)]
+    encryption: EncryptionMode,
     /// Print the kernel verifier log when a program is refused.
     #[arg(long)]
     verbose: bool,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// The L7 filter binary (default: `weft-l7` next to this one).
+    #[arg(long)]
+    l7_binary: Option<PathBuf>,
+    /// Port of the L7 filter's transparent listener on 127.0.0.1.
+    #[arg(long, default_value_t = 15001)]
+    l7_port: u16,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // netlink-packet-route warns about every attribute newer than itself: not news.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
     if args.log_json {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -63,19 +98,38 @@ fn main() -> anyhow::Result<()> {
             .to_string_lossy()
             .into_owned(),
     };
+    anyhow::ensure!(
+        weft_agent::config::valid_node_name(&node),
+        "node name {node:?}: use letters, digits, '-', '.' and '_' (it names files and directories)"
+    );
     let cfg = Config {
+        node_addresses: args.node_addresses,
+        pod_cidrs: args.pod_cidrs,
         state_dir: args
             .state_dir
             .unwrap_or_else(|| PathBuf::from(format!("/var/lib/weft/{node}"))),
         socket: args
             .socket
-            .unwrap_or_else(|| PathBuf::from(weft_agent::api::default_socket_path(&node))),
+            .unwrap_or_else(|| PathBuf::from(weft_api::default_socket_path(&node))),
         bpffs_dir: args
             .bpffs_dir
             .unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/weft/{node}"))),
         source_dir: args.source_dir,
         verbose: args.verbose,
         ct_gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
+        identity_grace: Duration::from_secs(args.identity_grace),
+        policy_entries_per_endpoint: args.policy_entries_per_endpoint.max(1),
+        verify_interval: Duration::from_secs(1),
+        limits: weft_agent::config::ApiLimits {
+            max_connections: args.max_api_connections.max(1),
+            idle_timeout: Duration::from_secs(args.api_idle_timeout.max(1)),
+            ..weft_agent::config::ApiLimits::default()
+        },
+        encryption: args.encryption,
+        l7_binary: args
+            .l7_binary
+            .unwrap_or_else(weft_agent::l7::Settings::default_binary),
+        l7_port: args.l7_port,
         node,
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -2,7 +2,7 @@
 //!
 //! Two attach modes: TCX links (kernel >= 6.6), pinned in bpffs so they outlive the agent;
 //! and netlink clsact filters (older kernels), which the kernel keeps by themselves. In both
-//! modes a restarted agent *replaces* the program in place (bpf_link_update, or a netlink
+//! modes a restarted agent *replaces* the program in place (`bpf_link_update`, or a netlink
 //! filter change at the same priority/handle), so enforcement never lapses.
 
 use std::io;
@@ -20,9 +20,9 @@ use weft_common::program_names;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
-    /// bpf_link based tc attach (kernel >= 6.6).
+    /// `bpf_link` based tc attach (kernel >= 6.6).
     Tcx,
-    /// clsact qdisc + cls_bpf filter over netlink.
+    /// clsact qdisc + `cls_bpf` filter over netlink.
     Netlink,
 }
 
@@ -48,7 +48,7 @@ impl AttachMode {
     }
 }
 
-/// Filter priority and handle of weft's cls_bpf filters (netlink mode).
+/// Filter priority and handle of weft's `cls_bpf` filters (netlink mode).
 const NL_PRIORITY: u16 = 1;
 const NL_HANDLE: u16 = 1;
 
@@ -95,7 +95,7 @@ pub(super) fn in_scratch_netns<T: Send>(f: impl FnOnce() -> T + Send) -> Result<
 }
 
 /// Attach a loaded program the netlink way to `lo` of a throwaway network namespace: proves
-/// at start-up that the kernel has the clsact qdisc and the cls_bpf classifier, instead of
+/// at start-up that the kernel has the clsact qdisc and the `cls_bpf` classifier, instead of
 /// failing each pod later. `Ok(None)` when it worked (or could not be tried),
 /// `Ok(Some(reason))` when the kernel cannot attach this way.
 pub(super) fn probe_netlink_attach(ebpf: &mut Ebpf) -> anyhow::Result<Option<String>> {
@@ -106,10 +106,10 @@ pub(super) fn probe_netlink_attach(ebpf: &mut Ebpf) -> anyhow::Result<Option<Str
         let id = program
             .attach_with_options("lo", TcAttachType::Ingress, netlink_options())
             .map_err(|e| text(e.into()))?;
-        use aya::programs::links::Link as _;
+
         // The namespace goes away with the thread, which removes the filter too; detaching
         // is tidiness.
-        let _ = program.take_link(id).map(|link| link.detach());
+        let _ = program.take_link(id).map(aya::programs::Link::detach);
         Ok(())
     });
     match attached {
@@ -122,7 +122,7 @@ pub(super) fn probe_netlink_attach(ebpf: &mut Ebpf) -> anyhow::Result<Option<Str
     }
 }
 
-/// weft's cls_bpf filter: its priority and handle, so a restarted agent replaces it in place.
+/// weft's `cls_bpf` filter: its priority and handle, so a restarted agent replaces it in place.
 fn netlink_options() -> TcAttachOptions {
     TcAttachOptions::Netlink(NlOptions {
         priority: NL_PRIORITY,
@@ -131,10 +131,10 @@ fn netlink_options() -> TcAttachOptions {
     })
 }
 
-/// What the kernel says when no cls_bpf classifier can be found (nor loaded as a module).
+/// What the kernel says when no `cls_bpf` classifier can be found (nor loaded as a module).
 const CLS_BPF_MISSING: &str = "classifier not found";
 
-/// Name the module when a netlink attach failed for want of the cls_bpf classifier; other
+/// Name the module when a netlink attach failed for want of the `cls_bpf` classifier; other
 /// errors pass through unchanged.
 pub(super) fn explain_netlink_attach_error(error: &str) -> String {
     if error.contains(CLS_BPF_MISSING) {
@@ -156,19 +156,22 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Sche
         .with_context(|| format!("{name} is not a tc classifier"))
 }
 
-fn link_pin(pin_dir: &Path, ifname: &str, ifindex: u32, program: &str) -> PathBuf {
+pub(super) fn link_pin(pin_dir: &Path, ifname: &str, ifindex: u32, program: &str) -> PathBuf {
     pin_dir
         .join("links")
         .join(format!("{ifindex}-{ifname}-{program}"))
 }
 
+/// Attach both programs to a pod's host-side interface. In TCX mode the links are pinned and
+/// also returned: the datapath holds them, so a link pin removed by someone else does not
+/// detach the program (the watchdog pins it again).
 pub(super) fn attach_endpoint(
     ebpf: &mut Ebpf,
     pin_dir: &Path,
     mode: AttachMode,
     ifname: &str,
     ifindex: u32,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(&'static str, FdLink)>> {
     if mode == AttachMode::Netlink
         && let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname)
         // A clsact qdisc already there (ours or someone else's) is fine.
@@ -177,19 +180,34 @@ pub(super) fn attach_endpoint(
     {
         return Err(e).with_context(|| format!("adding the clsact qdisc to {ifname}"));
     }
+    let mut held = Vec::new();
     for (name, attach_type) in HOOKS {
         let program = classifier(ebpf, name)?;
         match mode {
             AttachMode::Tcx => {
                 let pin = link_pin(pin_dir, ifname, ifindex, name);
-                attach_tcx(program, ifname, attach_type, &pin)
+                let link = attach_tcx(program, ifname, attach_type, &pin)
                     .with_context(|| format!("attaching {name} to {ifname} (tcx)"))?;
+                held.push((name, link));
             }
             AttachMode::Netlink => attach_netlink(program, ifname, attach_type)
                 .with_context(|| format!("attaching {name} to {ifname} (netlink)"))?,
         }
     }
-    Ok(())
+    Ok(held)
+}
+
+/// Pin `link` at `pin` (again) and keep holding it.
+pub(super) fn pin_link(link: FdLink, pin: &Path) -> anyhow::Result<FdLink> {
+    let pinned = link.pin(pin).context("pinning the tc link")?;
+    Ok(FdLink::from(pinned))
+}
+
+/// Whether the link pinned at `pin` is `link` (the same kernel link).
+pub(super) fn pinned_link_is(pin: &Path, link: &FdLink) -> bool {
+    let ours = link.info().map(|i| i.id());
+    let pinned = PinnedLink::from_pin(pin).and_then(|p| FdLink::from(p).info().map(|i| i.id()));
+    matches!((ours, pinned), (Ok(a), Ok(b)) if a == b)
 }
 
 fn attach_tcx(
@@ -197,7 +215,7 @@ fn attach_tcx(
     ifname: &str,
     attach_type: TcAttachType,
     pin: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<FdLink> {
     let adopted = match PinnedLink::from_pin(pin) {
         Ok(old) => SchedClassifierLink::try_from(FdLink::from(old))
             .map_err(anyhow::Error::from)
@@ -220,30 +238,27 @@ fn attach_tcx(
         }
         None => None,
     };
-    let link_id = match reused {
-        Some(id) => {
-            debug!(ifname, pin = %pin.display(), "replaced program in pinned link");
-            id
+    let link_id = if let Some(id) = reused {
+        debug!(ifname, pin = %pin.display(), "replaced program in pinned link");
+        id
+    } else {
+        if pin.exists() {
+            warn!(ifname, pin = %pin.display(), "pinned link is stale, attaching anew");
+            std::fs::remove_file(pin).ok();
         }
-        None => {
-            if pin.exists() {
-                warn!(ifname, pin = %pin.display(), "pinned link is stale, attaching anew");
-                std::fs::remove_file(pin).ok();
-            }
-            program.attach_with_options(
-                ifname,
-                attach_type,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )?
-        }
+        program.attach_with_options(
+            ifname,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )?
     };
     let link = program.take_link(link_id)?;
     let fd_link = FdLink::try_from(link)?;
-    if !pin.exists() {
-        fd_link.pin(pin).context("pinning the tc link")?;
+    if pin.exists() {
+        Ok(fd_link)
+    } else {
+        pin_link(fd_link, pin)
     }
-    // Dropping the fd leaves the link alive through its pin.
-    Ok(())
 }
 
 /// Whether `program` is among the TCX programs attached to `ifname`.
@@ -311,7 +326,10 @@ pub(super) fn detach_endpoint(
     Ok(())
 }
 
-/// Remove link pins of interfaces other than `keep` (ifname, ifindex).
+/// Remove link pins of interfaces that are gone (the kernel detached their programs with
+/// them). A pin of an interface that still exists stays even when no endpoint in `keep`
+/// uses it: without an endpoint entry its programs drop everything, which is what a deleted
+/// pod's interface must do until it goes away.
 pub(super) fn prune_links(pin_dir: &Path, keep: &[(String, u32)]) -> anyhow::Result<usize> {
     let dir = pin_dir.join("links");
     let mut removed = 0;
@@ -326,13 +344,29 @@ pub(super) fn prune_links(pin_dir: &Path, keep: &[(String, u32)]) -> anyhow::Res
                 .iter()
                 .any(|(prog, _)| name == format!("{ifindex}-{ifname}-{prog}"))
         });
-        if !wanted {
-            std::fs::remove_file(entry.path())
-                .with_context(|| format!("removing stale link pin {name}"))?;
-            removed += 1;
+        if wanted || interface_exists(&name) {
+            continue;
         }
+        std::fs::remove_file(entry.path())
+            .with_context(|| format!("removing stale link pin {name}"))?;
+        removed += 1;
     }
     Ok(removed)
+}
+
+/// Whether the interface a link pin `<ifindex>-<ifname>-<program>` names still exists with
+/// that ifindex.
+fn interface_exists(pin_name: &str) -> bool {
+    let Some((ifindex, rest)) = pin_name.split_once('-') else {
+        return false;
+    };
+    let Some((ifname, _program)) = rest.rsplit_once('-') else {
+        return false;
+    };
+    // Program names contain underscores, never dashes; interface names may have dashes.
+    ifindex
+        .parse::<u32>()
+        .is_ok_and(|index| nix::net::if_::if_nametoindex(ifname).is_ok_and(|now| now == index))
 }
 
 #[cfg(test)]

@@ -1,80 +1,121 @@
-//! The datapath: the only module that talks to aya. It loads the embedded eBPF object, pins
-//! maps and tc links under the node's bpffs directory, adopts what an earlier agent pinned,
-//! writes map contents as diffs against what the maps hold, and hands out the ring buffer.
+//! The datapath: the only module that talks to aya and the only one that knows the kernel
+//! ABI (`weft-common`). It loads the embedded eBPF object, pins maps and tc links under the
+//! node's bpffs directory, adopts what an earlier agent pinned, writes the agent's typed
+//! [`Desired`] state as diffs in an order that never opens a window, and hands out typed
+//! flow records, counters, and handles for conntrack garbage collection.
 //!
 //! Fail-closed across restarts: maps and tc links are pinned, so when the agent exits the
 //! programs stay attached and keep enforcing the last policy. A new agent reuses the pinned
 //! maps (their contents untouched), atomically swaps its freshly loaded programs into the
-//! pinned links, and then writes only entries that differ from what it wants.
-//!
-//! Converting policy-core keys into `weft-common` types happens here and nowhere else.
+//! pinned links, and then writes only entries that differ from what it wants. One node, one
+//! agent: the pin directory is locked while the agent runs.
+#![allow(
+    unsafe_code,
+    reason = "the datapath module is where weft meets the kernel ABI"
+)]
 
+mod abi;
 mod attach;
-mod convert;
+pub mod conntrack;
+pub mod desired;
+pub mod events;
 mod features;
+pub mod stats;
+mod steering;
 mod verifier;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use aya::maps::lpm_trie::Key;
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, IterableMap, LpmTrie, MapData, RingBuf};
+use aya::programs::links::FdLink;
 use aya::{Ebpf, EbpfLoader, VerifierLogLevel};
-use tracing::{debug, info, warn};
+use tracing::{error, info, warn};
 use weft_common::{
-    CtEntry, CtKey, EndpointInfo, FlowEvent, IpcacheEntry, IpcacheKey, MetricValue, NS_PER_SEC,
-    PolicyEntry, PolicyKey, ct_lifetime_ns, map_names, program_names,
+    DatapathConfig, EndpointInfo, IpcacheEntry, IpcacheKey, NodeEntry, PolicyEntry, PolicyKey,
+    global_names, map_names, program_names, verdict,
 };
 
+pub use abi::{addr_bytes, addr_from_bytes};
 pub use attach::AttachMode;
-pub use convert::{
-    addr_bytes, addr_from_bytes, host_ipcache_key, ipcache_key, policy_entry_row, policy_key,
-    policy_value, prefix_to_ipcache, protocol_name,
-};
-pub use features::{Feature, FeatureKind, FeatureReport, summary as feature_summary};
+pub use desired::{Capacity, Desired, EndpointSpec, IpcacheSpec, NodeSpec, Place};
+pub use features::{Feature, FeatureKind, FeatureReport};
+
+use crate::fsutil::DirLock;
+use abi::LpmKey;
 
 /// The eBPF object built by `build.rs`, embedded so one binary is all a node needs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEFT_EBPF_OBJ"));
 
-pub type RawPolicyKey = (u32, PolicyKey);
-pub type RawIpcacheKey = (u32, IpcacheKey);
+/// Which clock the programs read, chosen at load time from the feature probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `bpf_ktime_get_coarse_ns` (Linux >= 5.11): a plain read.
+    CoarseClock,
+    /// `bpf_ktime_get_ns`, for kernels without the coarse clock helper (5.10).
+    PreciseClock,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::CoarseClock => "coarse clock",
+            Variant::PreciseClock => "precise clock (no bpf_ktime_get_coarse_ns before Linux 5.11)",
+        }
+    }
+}
 
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     attach_mode: AttachMode,
     features: FeatureReport,
+    variant: Variant,
+    config: Array<MapData, DatapathConfig>,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     ipcache: LpmTrie<MapData, IpcacheKey, IpcacheEntry>,
+    nodes: HashMap<MapData, u32, NodeEntry>,
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
-    metrics: PerCpuArray<MapData, MetricValue>,
     /// What the maps hold, so that writes are diffs (loaded from the pinned maps at start).
+    config_now: DatapathConfig,
     endpoints_now: BTreeMap<u32, EndpointInfo>,
-    ipcache_now: BTreeMap<RawIpcacheKey, IpcacheEntry>,
-    policy_now: BTreeMap<RawPolicyKey, PolicyEntry>,
+    ipcache_now: BTreeMap<LpmKey<IpcacheKey>, IpcacheEntry>,
+    nodes_now: BTreeMap<u32, NodeEntry>,
+    policy_now: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
+    /// TCX links held open, so that a removed pin never detaches a pod's programs.
+    links: BTreeMap<(u32, &'static str), (String, FdLink)>,
+    _pin_lock: DirLock,
 }
 
-/// What the datapath sends to user space: flow events and the programs' log records.
+/// What the datapath sends to user space besides the controller's handle: flow events, the
+/// programs' log records, and handles of their own for conntrack and counters.
 pub struct Channels {
     pub events: RingBuf<MapData>,
     pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-}
-
-/// The full contents the agent wants in the endpoints, ipcache and policy maps.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct DesiredMaps {
-    pub endpoints: BTreeMap<u32, EndpointInfo>,
-    pub ipcache: BTreeMap<RawIpcacheKey, IpcacheEntry>,
-    pub policy: BTreeMap<RawPolicyKey, PolicyEntry>,
+    pub conntrack: conntrack::ConntrackHandle,
+    pub stats: stats::StatsHandle,
+    /// The conntrack thread's own view of the counters.
+    pub conntrack_stats: stats::StatsHandle,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ApplyStats {
     pub endpoints: SyncStats,
     pub ipcache: SyncStats,
+    pub nodes: SyncStats,
     pub policy: SyncStats,
+    /// The policy revision after the apply (bumped when anything changed).
+    pub revision: u32,
+}
+
+impl ApplyStats {
+    pub fn changed(&self) -> bool {
+        [self.endpoints, self.ipcache, self.nodes, self.policy]
+            .iter()
+            .any(|s| s.written + s.removed > 0)
+    }
 }
 
 /// Counts of one map write.
@@ -84,10 +125,32 @@ pub struct SyncStats {
     pub removed: usize,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The desired state does not fit a map: nothing was written.
+    #[error("the {map} map holds at most {capacity} entries; {wanted} are needed: nothing written")]
+    Capacity {
+        map: &'static str,
+        wanted: usize,
+        capacity: usize,
+    },
+    /// The kernel refused a write; what was written before stays (and is in the mirror).
+    #[error("writing the {map} map: {source}")]
+    Kernel {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
 impl Datapath {
     /// Load the programs, creating or adopting the pinned maps under `pin_dir`.
     ///
-    /// Refuses, naming what is missing, on a kernel without a feature the datapath uses.
+    /// Refuses, naming what is missing, on a kernel without a feature the datapath uses, and
+    /// when another agent holds `pin_dir`.
+    ///
+    /// # Errors
+    /// Kernel refusals, a locked pin directory, or pinned maps that cannot be adopted.
     pub fn load(pin_dir: &Path, verbose: bool) -> anyhow::Result<(Self, Channels)> {
         let attach_mode = AttachMode::detect();
         let mut features = features::probe(attach_mode);
@@ -96,8 +159,16 @@ impl Datapath {
             bail!("{refusal}");
         }
         ensure_bpffs(pin_dir)?;
+        // Before any program can steer: a steered packet must never be forwarded instead.
+        steering::ensure_routing()?;
         std::fs::create_dir_all(pin_dir.join("links"))
             .with_context(|| format!("creating {}", pin_dir.display()))?;
+        let pin_lock = DirLock::on_dir(pin_dir)?;
+        let variant = if features::has_coarse_clock(&features) {
+            Variant::CoarseClock
+        } else {
+            Variant::PreciseClock
+        };
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
@@ -115,6 +186,8 @@ impl Datapath {
         // (unknown endpoint, malformed packet); debug ones only with --verbose.
         let log_level: u8 = if verbose { 5 } else { 3 };
         loader.override_global(aya_log::LEVEL, &log_level, false);
+        let coarse = u8::from(variant == Variant::CoarseClock);
+        loader.override_global(global_names::USE_COARSE_CLOCK, &coarse, true);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the weft eBPF object (maps)")?;
@@ -138,40 +211,60 @@ impl Datapath {
                 bail!("{refusal}");
             }
         }
+        let config = Array::try_from(take_map(&mut ebpf, map_names::CONFIG)?)?;
         let endpoints = HashMap::try_from(take_map(&mut ebpf, map_names::ENDPOINTS)?)?;
         let ipcache = LpmTrie::try_from(take_map(&mut ebpf, map_names::IPCACHE)?)?;
+        let nodes = HashMap::try_from(take_map(&mut ebpf, map_names::NODES)?)?;
         let policy = LpmTrie::try_from(take_map(&mut ebpf, map_names::POLICY)?)?;
-        let conntrack = HashMap::try_from(take_map(&mut ebpf, map_names::CONNTRACK)?)?;
-        let metrics = PerCpuArray::try_from(take_map(&mut ebpf, map_names::METRICS)?)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, map_names::EVENTS)?)?;
+        let conntrack = conntrack::ConntrackHandle::open(&pin_dir.join(map_names::CONNTRACK))?;
+        let stats = stats::StatsHandle::open(&pin_dir.join(map_names::METRICS))?;
+        let conntrack_stats = stats::StatsHandle::open(&pin_dir.join(map_names::METRICS))?;
 
         let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             attach_mode,
             features,
+            variant,
+            config,
             endpoints,
             ipcache,
+            nodes,
             policy,
-            conntrack,
-            metrics,
+            config_now: DatapathConfig::default(),
             endpoints_now: BTreeMap::new(),
             ipcache_now: BTreeMap::new(),
+            nodes_now: BTreeMap::new(),
             policy_now: BTreeMap::new(),
+            links: BTreeMap::new(),
+            _pin_lock: pin_lock,
         };
         datapath.read_back()?;
         info!(
             pin_dir = %pin_dir.display(),
             attach_mode = datapath.attach_mode.name(),
+            variant = datapath.variant.name(),
+            revision = datapath.config_now.policy_revision,
             adopted_endpoints = datapath.endpoints_now.len(),
             adopted_policy_entries = datapath.policy_now.len(),
             "datapath loaded"
         );
-        Ok((datapath, Channels { events, logger }))
+        Ok((
+            datapath,
+            Channels {
+                events,
+                logger,
+                conntrack,
+                stats,
+                conntrack_stats,
+            },
+        ))
     }
 
     /// Fill the mirrors from the maps (after adopting pinned maps, they hold the last policy).
     fn read_back(&mut self) -> anyhow::Result<()> {
+        self.config_now = self.config.get(&0, 0).context("reading the config map")?;
         self.endpoints_now = self
             .endpoints
             .iter()
@@ -183,6 +276,11 @@ impl Datapath {
             .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
             .collect::<Result<_, _>>()
             .context("reading the ipcache map")?;
+        self.nodes_now = self
+            .nodes
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the nodes map")?;
         self.policy_now = self
             .policy
             .iter()
@@ -200,188 +298,487 @@ impl Datapath {
         self.attach_mode
     }
 
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
     /// What the kernel offers, as probed at load.
     pub fn features(&self) -> &FeatureReport {
         &self.features
     }
 
+    /// The policy revision conntrack entries are checked against.
+    pub fn revision(&self) -> u32 {
+        self.config_now.policy_revision
+    }
+
+    /// Entries in the maps now: (endpoints, ipcache, nodes, policy).
+    pub fn map_sizes(&self) -> [(&'static str, usize, usize); 4] {
+        let cap = Capacity::KERNEL;
+        [
+            (
+                map_names::ENDPOINTS,
+                self.endpoints_now.len(),
+                cap.endpoints,
+            ),
+            (map_names::IPCACHE, self.ipcache_now.len(), cap.ipcache),
+            (map_names::NODES, self.nodes_now.len(), cap.nodes),
+            (map_names::POLICY, self.policy_now.len(), cap.policy),
+        ]
+    }
+
     /// Attach both programs to the pod's host-side interface, replacing whatever program a
     /// previous agent left in the pinned links (atomically, no gap).
+    ///
+    /// # Errors
+    /// When the kernel refuses the attachment.
     pub fn attach(&mut self, ifname: &str, ifindex: u32) -> anyhow::Result<()> {
-        attach::attach_endpoint(
+        let held = attach::attach_endpoint(
             &mut self.ebpf,
             &self.pin_dir,
             self.attach_mode,
             ifname,
             ifindex,
-        )
+        )?;
+        for (program, link) in held {
+            self.links
+                .insert((ifindex, program), (ifname.to_owned(), link));
+        }
+        Ok(())
     }
 
-    /// Detach from an interface (pinned links removed).
+    /// Detach from an interface (pinned links removed, held links closed).
+    ///
+    /// # Errors
+    /// When a link pin cannot be removed.
     pub fn detach(&mut self, ifname: &str, ifindex: u32) -> anyhow::Result<()> {
-        attach::detach_endpoint(&self.pin_dir, self.attach_mode, ifname, ifindex)
+        attach::detach_endpoint(&self.pin_dir, self.attach_mode, ifname, ifindex)?;
+        self.links.retain(|(index, _), _| *index != ifindex);
+        Ok(())
+    }
+
+    /// Let go of links whose interface is gone (the kernel detached them with it) and that
+    /// no endpoint in `keep` uses, and remove their pins. Links of deleted endpoints whose
+    /// interface still exists stay: they drop everything until the interface goes.
+    pub fn release_gone_links(&mut self, keep: &[(String, u32)]) {
+        let gone: Vec<(u32, &'static str)> = self
+            .links
+            .iter()
+            .filter(|((ifindex, _), (ifname, _))| {
+                !keep.iter().any(|(n, i)| n == ifname && i == ifindex)
+                    && !nix::net::if_::if_nametoindex(ifname.as_str()).is_ok_and(|i| i == *ifindex)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            if let Some((ifname, _link)) = self.links.remove(&key) {
+                let _ =
+                    std::fs::remove_file(attach::link_pin(&self.pin_dir, &ifname, key.0, key.1));
+            }
+        }
     }
 
     /// Remove pinned links of interfaces that are not in `keep` (left by deleted pods).
+    ///
+    /// # Errors
+    /// When a stale pin cannot be removed.
     pub fn prune_links(&mut self, keep: &[(String, u32)]) -> anyhow::Result<usize> {
         attach::prune_links(&self.pin_dir, keep)
     }
 
-    /// Bring the endpoints, ipcache and policy maps to `want`, writing only what differs.
+    /// Bring the maps to `want`, writing only what differs; `proxy_port` is the L7 filter's
+    /// port for `redirect-l7` entries.
     ///
-    /// Order matters for never opening a gap: new ipcache and policy entries first, then the
-    /// endpoint entries (which switch isolation on or off), then stale policy and ipcache
-    /// entries. A policy that isolates an endpoint thus finds its allow entries in place, and
-    /// an entry being replaced is overwritten, never deleted and re-added.
-    pub fn apply(&mut self, want: &DesiredMaps) -> anyhow::Result<ApplyStats> {
-        let ipcache = &mut self.ipcache;
-        let policy = &mut self.policy;
-        let endpoints = &mut self.endpoints;
-        let mut stats = ApplyStats {
-            ipcache: upsert(&mut self.ipcache_now, &want.ipcache, |(len, data), v| {
-                ipcache.insert(&Key::new(*len, *data), v, 0)
+    /// Order, so that no step opens a window: policy entries first, denies before allows
+    /// (a policy that isolates an endpoint finds its entries in place, and a tightened rule
+    /// is in force before anything it narrows), then ipcache entries (an address never gets
+    /// an identity whose entries are missing), nodes, endpoints (which switch isolation on
+    /// or off); then removals: endpoints, policy allows before policy denies (a deny never
+    /// leaves while an allow it covers is still there), ipcache, nodes. Last, the policy
+    /// revision is bumped, which makes every established flow check itself again once.
+    ///
+    /// # Errors
+    /// [`ApplyError::Capacity`] before any write when `want` does not fit; a kernel error
+    /// part way (the mirrors then say what was written).
+    pub fn apply(&mut self, want: &Desired, proxy_port: u16) -> Result<ApplyStats, ApplyError> {
+        let endpoints: BTreeMap<u32, EndpointInfo> = want
+            .endpoints
+            .iter()
+            .map(|(ifindex, spec)| (*ifindex, abi::endpoint_info(spec)))
+            .collect();
+        let ipcache: BTreeMap<LpmKey<IpcacheKey>, IpcacheEntry> = want
+            .ipcache
+            .iter()
+            .map(|(prefix, spec)| (abi::ipcache_key(*prefix), abi::ipcache_entry(spec)))
+            .collect();
+        let nodes: BTreeMap<u32, NodeEntry> = want
+            .nodes
+            .iter()
+            .map(|(id, spec)| (u32::from(*id), abi::node_entry(spec)))
+            .collect();
+        let policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry> = want
+            .policy
+            .iter()
+            .map(|(k, e)| (abi::policy_key(k), abi::policy_entry(e, proxy_port)))
+            .collect();
+        let cap = Capacity::KERNEL;
+        for (map, wanted, capacity) in [
+            ("endpoints", endpoints.len(), cap.endpoints),
+            ("ipcache", ipcache.len(), cap.ipcache),
+            ("nodes", nodes.len(), cap.nodes),
+            ("policy", policy.len(), cap.policy),
+        ] {
+            if wanted > capacity {
+                return Err(ApplyError::Capacity {
+                    map,
+                    wanted,
+                    capacity,
+                });
+            }
+        }
+        let kernel = |map: &'static str| move |source| ApplyError::Kernel { map, source };
+        let mut stats = ApplyStats::default();
+
+        // Endpoints that leave go first, record before entries: their traffic drops as an
+        // unknown endpoint (fail closed), and their entries make room for what others gain
+        // (`plan::fit` counts on this order).
+        {
+            let map = &mut self.endpoints;
+            stats.endpoints.removed =
+                remove_stale(&mut self.endpoints_now, &endpoints, None, |k| map.remove(k))
+                    .map_err(kernel("endpoints"))?;
+        }
+        {
+            let live: BTreeSet<u32> = endpoints.values().map(|e| e.endpoint_id).collect();
+            let map = &mut self.policy;
+            stats.policy.removed = remove_where(
+                &mut self.policy_now,
+                |k| !live.contains(&k.1.endpoint_id),
+                |k| map.remove(&Key::new(k.0, k.1)),
+            )
+            .map_err(kernel("policy"))?;
+        }
+        let is_deny = |v: &PolicyEntry| v.verdict == verdict::DENY;
+        {
+            let map = &mut self.policy;
+            stats.policy.written = upsert(&mut self.policy_now, &policy, Some(&is_deny), |k, v| {
+                map.insert(&Key::new(k.0, k.1), v, 0)
             })
-            .context("writing the ipcache map")?,
-            policy: upsert(&mut self.policy_now, &want.policy, |(len, data), v| {
-                policy.insert(&Key::new(*len, *data), v, 0)
+            .map_err(kernel("policy"))?;
+        }
+        {
+            let map = &mut self.ipcache;
+            stats.ipcache.written = upsert(&mut self.ipcache_now, &ipcache, None, |k, v| {
+                map.insert(&Key::new(k.0, k.1), v, 0)
             })
-            .context("writing the policy map")?,
-            endpoints: upsert(&mut self.endpoints_now, &want.endpoints, |k, v| {
-                endpoints.insert(k, v, 0)
+            .map_err(kernel("ipcache"))?;
+        }
+        {
+            let map = &mut self.nodes;
+            stats.nodes.written = upsert(&mut self.nodes_now, &nodes, None, |k, v| {
+                map.insert(k, v, 0)
             })
-            .context("writing the endpoints map")?,
-        };
-        stats.endpoints.removed = remove_stale(&mut self.endpoints_now, &want.endpoints, |k| {
-            endpoints.remove(k)
-        })
-        .context("deleting from the endpoints map")?;
-        stats.policy.removed = remove_stale(&mut self.policy_now, &want.policy, |(len, data)| {
-            policy.remove(&Key::new(*len, *data))
-        })
-        .context("deleting from the policy map")?;
-        stats.ipcache.removed =
-            remove_stale(&mut self.ipcache_now, &want.ipcache, |(len, data)| {
-                ipcache.remove(&Key::new(*len, *data))
+            .map_err(kernel("nodes"))?;
+        }
+        {
+            let map = &mut self.endpoints;
+            stats.endpoints.written = upsert(&mut self.endpoints_now, &endpoints, None, |k, v| {
+                map.insert(k, v, 0)
             })
-            .context("deleting from the ipcache map")?;
+            .map_err(kernel("endpoints"))?;
+        }
+        {
+            let map = &mut self.policy;
+            // Allows first: a deny leaves only once nothing it narrows is left.
+            let not_deny = |v: &PolicyEntry| v.verdict != verdict::DENY;
+            stats.policy.removed +=
+                remove_stale(&mut self.policy_now, &policy, Some(&not_deny), |k| {
+                    map.remove(&Key::new(k.0, k.1))
+                })
+                .map_err(kernel("policy"))?;
+        }
+        {
+            let map = &mut self.ipcache;
+            stats.ipcache.removed = remove_stale(&mut self.ipcache_now, &ipcache, None, |k| {
+                map.remove(&Key::new(k.0, k.1))
+            })
+            .map_err(kernel("ipcache"))?;
+        }
+        {
+            let map = &mut self.nodes;
+            stats.nodes.removed =
+                remove_stale(&mut self.nodes_now, &nodes, None, |k| map.remove(k))
+                    .map_err(kernel("nodes"))?;
+        }
+        if stats.changed() || self.config_now.policy_revision == 0 {
+            let mut next = self.config_now;
+            // 0 is what entries of a map the agent never configured carry: skip it.
+            next.policy_revision = next.policy_revision.wrapping_add(1).max(1);
+            self.config.set(0, next, 0).map_err(kernel("config"))?;
+            self.config_now = next;
+        }
+        stats.revision = self.config_now.policy_revision;
         Ok(stats)
     }
 
-    pub fn policy_entries(&self) -> &BTreeMap<RawPolicyKey, PolicyEntry> {
-        &self.policy_now
-    }
-
-    pub fn ipcache_len(&self) -> usize {
-        self.ipcache_now.len()
-    }
-
-    /// Delete expired conntrack entries. Returns (live, removed).
-    pub fn conntrack_gc(&mut self) -> anyhow::Result<(usize, usize)> {
-        let now = monotonic_ns();
-        let mut expired = Vec::new();
-        let mut live = 0;
-        for item in self.conntrack.iter() {
-            let (key, entry) = match item {
-                Ok(kv) => kv,
-                // Entries can vanish (LRU eviction) while we iterate.
-                Err(e) => {
-                    debug!("conntrack iteration: {e}");
-                    continue;
-                }
+    /// Check that every pinned map and link still is ours, and that the small maps still
+    /// hold what the agent wrote (someone with root may have removed pins or entries).
+    /// Repairs what it can; returns one line per finding, for the log and `weft status`.
+    pub fn verify(&mut self, deep: bool) -> Vec<String> {
+        let mut findings = Vec::new();
+        for (name, map) in self.ebpf.maps() {
+            if !map_names::ALL.contains(&name) {
+                continue;
+            }
+            findings.extend(verify_pin(&self.pin_dir.join(name), name, map));
+        }
+        for name in [
+            map_names::CONFIG,
+            map_names::ENDPOINTS,
+            map_names::IPCACHE,
+            map_names::NODES,
+            map_names::POLICY,
+        ] {
+            let path = self.pin_dir.join(name);
+            let map = match name {
+                map_names::CONFIG => self.config.map(),
+                map_names::ENDPOINTS => self.endpoints.map(),
+                map_names::IPCACHE => self.ipcache.map(),
+                map_names::NODES => self.nodes.map(),
+                _ => self.policy.map(),
             };
-            if now.saturating_sub(entry.last_seen_ns) > ct_lifetime_ns(key.protocol, entry.flags) {
-                expired.push(key);
-            } else {
-                live += 1;
+            findings.extend(verify_map_data_pin(&path, name, map));
+        }
+        let mut repinned = Vec::new();
+        for ((ifindex, program), (ifname, link)) in &self.links {
+            let pin = attach::link_pin(&self.pin_dir, ifname, *ifindex, program);
+            if !attach::pinned_link_is(&pin, link) {
+                repinned.push((*ifindex, *program));
             }
         }
-        let mut removed = 0;
-        for key in &expired {
-            if self.conntrack.remove(key).is_ok() {
-                removed += 1;
+        for key in repinned {
+            let Some((ifname, link)) = self.links.remove(&key) else {
+                continue;
+            };
+            let pin = attach::link_pin(&self.pin_dir, &ifname, key.0, key.1);
+            let _ = std::fs::remove_file(&pin);
+            match attach::pin_link(link, &pin) {
+                Ok(link) => {
+                    findings.push(format!(
+                        "the {} link pin of {ifname} was removed or replaced by someone else: \
+                         pinned again (the program never left the interface)",
+                        key.1
+                    ));
+                    self.links.insert(key, (ifname, link));
+                }
+                Err(e) => findings.push(format!(
+                    "the {} link pin of {ifname} is gone and cannot be restored: {e:#} (the \
+                     program stays attached while this agent runs)",
+                    key.1
+                )),
             }
         }
-        Ok((live, removed))
+        findings.extend(self.verify_contents(deep));
+        for f in &findings {
+            error!("{f}");
+        }
+        findings
     }
 
-    /// Forget the connections of a deleted endpoint, and the local flows of other pods that
-    /// were delivered to its interface, so that a pod that later gets the same address or
-    /// ifindex starts without them.
-    pub fn conntrack_purge_endpoint(&mut self, endpoint_id: u32, ifindex: u32) -> usize {
-        let doomed: Vec<CtKey> = self
-            .conntrack
+    /// Compare the maps with the mirrors and write back what differs. The policy map only
+    /// when `deep` (it can be large).
+    fn verify_contents(&mut self, deep: bool) -> Vec<String> {
+        let mut findings = Vec::new();
+        if self.config.get(&0, 0).ok() != Some(self.config_now)
+            && self.config.set(0, self.config_now, 0).is_ok()
+        {
+            findings.push("the datapath config was changed by someone else: restored".into());
+        }
+        let current = self.endpoints.iter().collect::<Result<BTreeMap<_, _>, _>>();
+        if let Ok(current) = current {
+            let (put, del) = drift(&self.endpoints_now, &current);
+            let n = put.len() + del.len();
+            for (k, v) in put {
+                let _ = self.endpoints.insert(k, v, 0);
+            }
+            for k in del {
+                let _ = self.endpoints.remove(&k);
+            }
+            if n > 0 {
+                findings.push(format!(
+                    "{n} endpoint map entries were changed by someone else: restored"
+                ));
+            }
+        }
+        let current = self
+            .ipcache
             .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, entry)| {
-                entry.endpoint_id == endpoint_id || entry.redirect_ifindex == ifindex
-            })
-            .map(|(key, _)| key)
-            .collect();
-        doomed
-            .iter()
-            .filter(|key| self.conntrack.remove(key).is_ok())
-            .count()
-    }
-
-    pub fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
-    }
-
-    /// Per-CPU metric slots summed over CPUs, by slot index.
-    pub fn metrics(&self) -> anyhow::Result<Vec<(u32, MetricValue)>> {
-        let mut out = Vec::new();
-        for (index, values) in self.metrics.iter().enumerate() {
-            let values = values.context("reading the metrics map")?;
-            let mut sum = MetricValue::default();
-            for v in values.iter() {
-                sum.packets += v.packets;
-                sum.bytes += v.bytes;
+            .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+            .collect::<Result<BTreeMap<_, _>, _>>();
+        if let Ok(current) = current {
+            let (put, del) = drift(&self.ipcache_now, &current);
+            let n = put.len() + del.len();
+            for (k, v) in put {
+                let _ = self.ipcache.insert(&Key::new(k.0, k.1), v, 0);
             }
-            if sum.packets > 0 {
-                out.push((u32::try_from(index)?, sum));
+            for k in del {
+                let _ = self.ipcache.remove(&Key::new(k.0, k.1));
+            }
+            if n > 0 {
+                findings.push(format!(
+                    "{n} ipcache entries were changed by someone else: restored"
+                ));
             }
         }
-        Ok(out)
+        if deep {
+            let current = self
+                .policy
+                .iter()
+                .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+                .collect::<Result<BTreeMap<_, _>, _>>();
+            if let Ok(current) = current {
+                let (put, del) = drift(&self.policy_now, &current);
+                let n = put.len() + del.len();
+                // Denies back first, then allows; stray entries go last.
+                let (denies, allows): (Vec<_>, Vec<_>) = put
+                    .into_iter()
+                    .partition(|(_, v)| v.verdict == verdict::DENY);
+                for (k, v) in denies.into_iter().chain(allows) {
+                    let _ = self.policy.insert(&Key::new(k.0, k.1), v, 0);
+                }
+                for k in del {
+                    let _ = self.policy.remove(&Key::new(k.0, k.1));
+                }
+                if n > 0 {
+                    findings.push(format!(
+                        "{n} policy map entries were changed by someone else: restored"
+                    ));
+                }
+            }
+        }
+        findings
     }
 }
 
-/// Write entries of `want` that `now` (the map's mirror) lacks or holds differently.
+/// What `current` (a map's content) lacks or holds differently from `mirror` (what the
+/// agent wrote), and what it has beyond it.
+fn drift<K: Ord + Clone, V: PartialEq + Copy>(
+    mirror: &BTreeMap<K, V>,
+    current: &BTreeMap<K, V>,
+) -> (Vec<(K, V)>, Vec<K>) {
+    let put = mirror
+        .iter()
+        .filter(|(k, v)| current.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    let del = current
+        .keys()
+        .filter(|k| !mirror.contains_key(*k))
+        .cloned()
+        .collect();
+    (put, del)
+}
+
+/// Whether the pin at `path` is `map`; pin it again when it is missing or someone else's.
+fn verify_pin(path: &Path, name: &str, map: &aya::maps::Map) -> Option<String> {
+    let data: &MapData = match map {
+        aya::maps::Map::RingBuf(d)
+        | aya::maps::Map::PerCpuArray(d)
+        | aya::maps::Map::LruHashMap(d)
+        | aya::maps::Map::HashMap(d)
+        | aya::maps::Map::Array(d)
+        | aya::maps::Map::LpmTrie(d) => d,
+        _ => return None,
+    };
+    verify_map_data_pin(path, name, data)
+}
+
+fn verify_map_data_pin(path: &Path, name: &str, map: &MapData) -> Option<String> {
+    let ours = map.info().ok()?.id();
+    let pinned = MapData::from_pin(path)
+        .ok()
+        .and_then(|m| m.info().ok())
+        .map(|i| i.id());
+    if pinned == Some(ours) {
+        return None;
+    }
+    let _ = std::fs::remove_file(path);
+    Some(match map.pin(path) {
+        Ok(()) => {
+            format!("the pin of map {name} was removed or replaced by someone else: pinned again")
+        }
+        Err(e) => format!("the pin of map {name} is gone and cannot be restored: {e}"),
+    })
+}
+
+/// Write entries of `want` that `now` (the map's mirror) lacks or holds differently; with
+/// `first`, those it selects go before the rest. Returns how many were written.
 fn upsert<K: Ord + Clone, V: PartialEq + Copy>(
     now: &mut BTreeMap<K, V>,
     want: &BTreeMap<K, V>,
+    first: Option<&dyn Fn(&V) -> bool>,
     mut insert: impl FnMut(&K, V) -> Result<(), aya::maps::MapError>,
-) -> anyhow::Result<SyncStats> {
-    let mut stats = SyncStats::default();
-    for (key, value) in want {
-        if now.get(key) != Some(value) {
-            insert(key, *value)?;
-            now.insert(key.clone(), *value);
-            stats.written += 1;
-        }
+) -> Result<usize, aya::maps::MapError> {
+    let changed: Vec<(&K, &V)> = want
+        .iter()
+        .filter(|(k, v)| now.get(*k) != Some(*v))
+        .collect();
+    let (early, late): (Vec<_>, Vec<_>) = changed
+        .into_iter()
+        .partition(|(_, v)| first.is_some_and(|f| f(v)));
+    let mut written = 0;
+    for (key, value) in early.into_iter().chain(late) {
+        insert(key, *value)?;
+        now.insert(key.clone(), *value);
+        written += 1;
     }
-    Ok(stats)
+    Ok(written)
 }
 
-/// Delete entries of `now` that `want` does not have; returns how many.
-fn remove_stale<K: Ord + Clone, V>(
+/// Delete the entries of `now` whose key `select` picks; returns how many.
+fn remove_where<K: Ord + Clone, V>(
     now: &mut BTreeMap<K, V>,
-    want: &BTreeMap<K, V>,
+    select: impl Fn(&K) -> bool,
     mut remove: impl FnMut(&K) -> Result<(), aya::maps::MapError>,
-) -> anyhow::Result<usize> {
-    let stale: Vec<K> = now
-        .keys()
-        .filter(|k| !want.contains_key(*k))
-        .cloned()
-        .collect();
-    for key in &stale {
+) -> Result<usize, aya::maps::MapError> {
+    let picked: Vec<K> = now.keys().filter(|k| select(k)).cloned().collect();
+    for key in &picked {
         match remove(key) {
-            // Already gone is what we wanted.
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
         now.remove(key);
     }
-    Ok(stale.len())
+    Ok(picked.len())
+}
+
+/// Delete entries of `now` that `want` does not have (with `first`, those it selects before
+/// the rest); returns how many.
+fn remove_stale<K: Ord + Clone, V: Copy>(
+    now: &mut BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    first: Option<&dyn Fn(&V) -> bool>,
+    mut remove: impl FnMut(&K) -> Result<(), aya::maps::MapError>,
+) -> Result<usize, aya::maps::MapError> {
+    let stale: Vec<(K, V)> = now
+        .iter()
+        .filter(|(k, _)| !want.contains_key(*k))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    let (early, late): (Vec<_>, Vec<_>) = stale
+        .into_iter()
+        .partition(|(_, v)| first.is_some_and(|f| f(v)));
+    let mut removed = 0;
+    for (key, _) in early.into_iter().chain(late) {
+        match remove(&key) {
+            // Already gone is what we wanted.
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+        now.remove(&key);
+        removed += 1;
+    }
+    Ok(removed)
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
@@ -404,7 +801,7 @@ fn log_features(report: &FeatureReport) {
 pub fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
-    u64::try_from(ts.tv_sec()).unwrap_or_default() * NS_PER_SEC
+    u64::try_from(ts.tv_sec()).unwrap_or_default() * weft_common::NS_PER_SEC
         + u64::try_from(ts.tv_nsec()).unwrap_or_default()
 }
 
@@ -435,45 +832,10 @@ fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often the agent drains the event ring: the programs skip the wakeup per event (it is
-/// the main cost of a new flow in the datapath) and only wake us when the ring fills up.
-const EVENTS_DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// Read flow events from the ring buffer until the task is dropped, handing each to `sink`.
-pub async fn read_events(
-    ring: RingBuf<MapData>,
-    mut sink: impl FnMut(FlowEvent),
-) -> anyhow::Result<()> {
-    // SAFETY: the AsyncFd owns the ring buffer and with it the fd, so the fd stays open and
-    // cannot be reused for anything else while it is registered.
-    let mut fd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
-    }
-    .context("watching the events ring buffer")?;
-    loop {
-        match tokio::time::timeout(EVENTS_DRAIN_INTERVAL, fd.readable_mut()).await {
-            Ok(guard) => {
-                let mut guard = guard?;
-                drain_events(guard.get_inner_mut(), &mut sink);
-                guard.clear_ready();
-            }
-            Err(_elapsed) => drain_events(fd.get_mut(), &mut sink),
-        }
-    }
-}
-
-fn drain_events(ring: &mut RingBuf<MapData>, sink: &mut impl FnMut(FlowEvent)) {
-    while let Some(item) = ring.next() {
-        if item.len() >= std::mem::size_of::<FlowEvent>() {
-            // SAFETY: the record is at least one FlowEvent long; FlowEvent is plain data for
-            // which every bit pattern is valid; read_unaligned makes no alignment claim.
-            let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
-            sink(event);
-        }
-    }
-}
-
 /// Forward the programs' aya-log records to the agent's log until the task is dropped.
+///
+/// # Errors
+/// When the log ring buffer cannot be watched.
 pub async fn forward_logs(
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
 ) -> anyhow::Result<()> {

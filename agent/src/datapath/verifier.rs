@@ -117,7 +117,7 @@ pub fn explain(program: &str, io_error: &str, log: &str) -> String {
 mod tests {
     use super::*;
 
-    /// The end of from_pod's log on Linux 6.1 before its stack was trimmed.
+    /// The end of `from_pod`'s log on Linux 6.1 before its stack was trimmed.
     const STACK_6_1: &str = "combined stack size of 3 calls is 544. Too large\n\
         verification time 825891 usec\n\
         stack depth 408+0+40+0+80\n\

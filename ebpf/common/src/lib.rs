@@ -1,26 +1,49 @@
-//! Types shared by the eBPF programs and the agent: map keys and values, flow events, drop
-//! reasons and the numbers both sides must agree on.
+//! Types shared by the eBPF programs and the agent's datapath module: map keys and values,
+//! flow events, drop reasons and the numbers both sides must agree on. This is weft's kernel
+//! ABI, version 1.
 //!
 //! Every struct here is `#[repr(C)]` with explicit padding so that its layout is the same for
-//! `bpfel-unknown-none` and x86_64 (checked by the size asserts at the bottom). Changing a
-//! layout is a datapath ABI change: the agent adopts pinned maps across restarts, so a changed
-//! struct needs a new map name. Numbers of `DropReason`, verdicts and flags are never reused.
+//! `bpfel-unknown-none` and x86_64; the asserts at the bottom pin every field's offset, not
+//! only the sizes. The agent adopts pinned maps across restarts, so a changed layout needs a
+//! new map name: pinned names carry a version (`weft_policy_v1`), and a `_v2` map would live
+//! beside a `_v1` one while an upgrade migrates. Numbers of `DropReason`, verdicts and flags
+//! are never reused; a retired number stays a gap.
+//!
+//! In user space only the agent's `datapath` module uses this crate.
 #![no_std]
 
 // === names and sizes ===
 
-/// Names of the pinned maps (bpffs file names under the node's pin directory).
+/// Names of the pinned maps (bpffs file names under the node's pin directory, and the maps'
+/// kernel names, so at most 15 characters).
 pub mod map_names {
-    pub const ENDPOINTS: &str = "endpoints";
-    pub const IPCACHE: &str = "ipcache";
-    pub const POLICY: &str = "policy";
-    pub const CONNTRACK: &str = "conntrack";
-    pub const EVENTS: &str = "events";
-    pub const METRICS: &str = "metrics";
-    pub const ALL: [&str; 6] = [ENDPOINTS, IPCACHE, POLICY, CONNTRACK, EVENTS, METRICS];
+    pub const ENDPOINTS: &str = "weft_ep_v1";
+    pub const IPCACHE: &str = "weft_ipc_v1";
+    pub const NODES: &str = "weft_nodes_v1";
+    pub const POLICY: &str = "weft_policy_v1";
+    pub const CONNTRACK: &str = "weft_ct_v1";
+    pub const FRAGMENTS: &str = "weft_frag_v1";
+    pub const EVENT_LIMITS: &str = "weft_evrl_v1";
+    pub const AUTH: &str = "weft_auth_v1";
+    pub const CONFIG: &str = "weft_config_v1";
+    pub const EVENTS: &str = "weft_events_v1";
+    pub const METRICS: &str = "weft_metrics_v1";
+    pub const ALL: [&str; 11] = [
+        ENDPOINTS,
+        IPCACHE,
+        NODES,
+        POLICY,
+        CONNTRACK,
+        FRAGMENTS,
+        EVENT_LIMITS,
+        AUTH,
+        CONFIG,
+        EVENTS,
+        METRICS,
+    ];
 }
 
-/// Names of the tc programs in the object file.
+/// Names of the programs in the object file.
 pub mod program_names {
     /// tc ingress of the pod's host-side veth: packets leaving the pod.
     pub const FROM_POD: &str = "from_pod";
@@ -28,10 +51,20 @@ pub mod program_names {
     pub const TO_POD: &str = "to_pod";
 }
 
+/// Names of the read-only globals the agent sets when it loads the programs.
+pub mod global_names {
+    /// Non-zero: take time from `bpf_ktime_get_coarse_ns` (5.11); zero: `bpf_ktime_get_ns`.
+    pub const USE_COARSE_CLOCK: &str = "WEFT_USE_COARSE_CLOCK";
+}
+
 pub const MAX_ENDPOINTS: usize = 4096;
 pub const IPCACHE_MAX_ENTRIES: usize = 65536;
+pub const MAX_NODES: usize = 1024;
 pub const POLICY_MAX_ENTRIES: usize = 262_144;
 pub const CONNTRACK_MAX_ENTRIES: usize = 262_144;
+pub const FRAGMENTS_MAX_ENTRIES: usize = 8192;
+pub const EVENT_LIMITS_MAX_ENTRIES: usize = 8192;
+pub const AUTH_MAX_ENTRIES: usize = 16384;
 pub const EVENTS_RING_BYTES: usize = 1 << 22;
 
 // === identities ===
@@ -48,6 +81,37 @@ pub mod identity {
     pub const REMOTE_NODE: u32 = 6;
     pub const KUBE_APISERVER: u32 = 7;
     pub const FIRST_ALLOCATED: u32 = 256;
+}
+
+// === config: one entry, the node-wide settings the programs read per packet ===
+
+pub mod config_flags {
+    /// Pod traffic to or from another node that did not go through the encryption device is
+    /// dropped (`unencrypted`).
+    pub const STRICT_ENCRYPTION: u32 = 1 << 0;
+    /// The node's L7 filter is configured and running; without it `redirect-l7` fails closed.
+    pub const L7_READY: u32 = 1 << 1;
+    /// Same-node TCP payload may be redirected between sockets (sock_ops/sk_msg).
+    pub const SOCKET_REDIRECT: u32 = 1 << 2;
+}
+
+/// Value of the one-entry `config` array. An array lookup with a constant key is inlined by
+/// the verifier into a few instructions: it costs the fast path a load, not a helper call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathConfig {
+    /// Bumped by the agent after every change of the policy, ipcache or endpoint maps.
+    /// Conntrack entries remember the revision their flow was last checked against; a flow
+    /// that meets a newer revision is checked again once, so revoked access stops
+    /// established connections too.
+    pub policy_revision: u32,
+    /// [`config_flags`] bits.
+    pub flags: u32,
+    /// This node's id in the `nodes` map.
+    pub local_node_id: u16,
+    pub _pad: u16,
+    /// Room for settings of later features without a new map version.
+    pub _reserved: [u32; 5],
 }
 
 // === endpoints map: host-side ifindex -> EndpointInfo ===
@@ -88,20 +152,47 @@ pub const IPCACHE_KEY_BITS: u32 = 128;
 /// Prefix bits occupied by the IPv4-mapped marker (`::ffff:0:0/96`).
 pub const IPV4_MAPPED_PREFIX_BITS: u32 = 96;
 
+pub mod ipcache_flags {
+    /// A pod of this node (`ifindex` is its host-side interface).
+    pub const LOCAL_POD: u8 = 1 << 0;
+    /// A pod of another node (`node_id` says which).
+    pub const REMOTE_POD: u8 = 1 << 1;
+    /// An address of a node (this one: identity host; others: remote-node).
+    pub const NODE: u8 = 1 << 2;
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct IpcacheEntry {
     pub identity: u32,
-    /// IPv4 address (network order bytes as u32) of the node hosting this prefix, 0 if local
-    /// or not a pod prefix.
-    pub tunnel_endpoint: u32,
-    /// WireGuard/encryption key index, 0 = none.
-    pub encrypt_key: u8,
+    /// The node hosting this prefix (key of the `nodes` map); 0 when local or not a pod.
+    pub node_id: u16,
+    /// [`ipcache_flags`] bits.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// For a pod on this node: the ifindex of its host-side interface, which `from_pod`
     /// delivers local pod-to-pod traffic to directly; 0 otherwise.
     pub ifindex: u32,
+    pub _reserved: u32,
+}
+
+// === nodes: node id -> how to reach it ===
+
+pub mod node_flags {
+    /// Traffic to this node's pods goes through the encryption device.
+    pub const ENCRYPT: u32 = 1 << 0;
+}
+
+/// Value of the `nodes` hash, keyed by the node id (u32) that ipcache entries carry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeEntry {
+    /// Underlay address (IPv4-mapped for IPv4).
+    pub underlay_addr: [u8; 16],
+    /// [`node_flags`] bits.
+    pub flags: u32,
+    /// ifindex of this node's encryption device carrying traffic to it; 0 for none.
+    pub encrypt_ifindex: u32,
 }
 
 // === policy: LPM over (endpoint, identity, direction, protocol, port) ===
@@ -139,6 +230,8 @@ pub const POLICY_FIXED_BITS: u32 = 32 + 32 + 8;
 pub const POLICY_KEY_BITS: u32 = POLICY_FIXED_BITS + 8 + 16;
 
 pub mod verdict {
+    /// No verdict (only in `audit_verdict`: the audit policies have no opinion).
+    pub const NONE: u8 = 0;
     pub const ALLOW: u8 = 1;
     /// Denied by a deny rule (or default deny, which has no entry).
     pub const DENY: u8 = 2;
@@ -148,16 +241,32 @@ pub mod verdict {
     pub const REDIRECT_L7: u8 = 4;
     /// Allowed once the `auth` map holds a fresh entry for the identity pair.
     pub const REQUIRE_AUTH: u8 = 5;
+    /// Denied as if no entry matched (`policy-denied`): a key that exists to carry an
+    /// `audit_verdict` in an enforcing direction.
+    pub const DEFAULT_DENY: u8 = 6;
+}
+
+pub mod auth_type {
+    pub const NONE: u8 = 0;
+    /// SPIFFE mutual TLS between the two identities' agents.
+    pub const SPIFFE_MTLS: u8 = 1;
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
 pub struct PolicyEntry {
-    /// One of [`verdict`].
+    /// One of [`verdict`]: what is enforced.
     pub verdict: u8,
-    pub _pad: u8,
+    /// What audit-mode policies on the same endpoint and direction would decide, reported
+    /// beside the enforced verdict and never enforced; [`verdict::NONE`] when they have no
+    /// opinion.
+    pub audit_verdict: u8,
+    /// One of [`auth_type`]: the authentication the flow needs before it passes.
+    pub auth_type: u8,
+    pub flags: u8,
     /// L7 filter port (host order) for [`verdict::REDIRECT_L7`], else 0.
     pub proxy_port: u16,
+    pub _pad: u16,
 }
 
 // === conntrack ===
@@ -190,30 +299,50 @@ pub mod ct_flags {
     pub const CLOSING: u32 = 1 << 3;
     /// Passed only because of audit mode.
     pub const AUDIT: u32 = 1 << 4;
+    /// The flow goes through the node's L7 filter (`proxy_port`).
+    pub const PROXY_REDIRECT: u32 = 1 << 5;
+    /// Mutual authentication for the identity pair succeeded.
+    pub const AUTH_OK: u32 = 1 << 6;
+    /// Payload is redirected between local sockets (sock_ops/sk_msg).
+    pub const SOCK_REDIRECT: u32 = 1 << 7;
+    /// Policy no longer allows the flow: every packet of it is dropped, in both directions,
+    /// until a newer policy allows it again. The entry stays (rather than going) so that a
+    /// revoked TCP connection cannot come back as a "new" flow from its other end.
+    pub const REVOKED: u32 = 1 << 8;
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns` of the last packet, refreshed at most every [`CT_REFRESH_NS`].
+    /// Time of the last packet, refreshed at most every [`CT_REFRESH_NS`].
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
     /// [`ct_flags`] bits.
     pub flags: u32,
-    /// Identity of the remote side when the entry was created.
+    /// Identity of the remote side when the flow was last checked.
     pub peer_identity: u32,
     pub endpoint_id: u32,
-    /// The [`verdict`] that created the entry.
-    pub verdict: u8,
-    pub _pad: [u8; 3],
+    /// [`DatapathConfig::policy_revision`] the flow was last checked against.
+    pub revision: u32,
     /// Local pod-to-pod flows: the host-side ifindex of the other pod. `from_pod` delivers
     /// this endpoint's packets of the flow straight into that pod (`bpf_redirect_peer`),
     /// skipping the node's routing and the other pod's `to_pod`, so the other pod's ingress
-    /// verdict is taken when the flow starts and both pods get an entry then. 0 otherwise.
+    /// verdict is taken when the flow starts (and when it is checked again) and both pods get
+    /// an entry then. 0 otherwise.
     pub redirect_ifindex: u32,
-    pub _pad2: u32,
+    /// The policy port of the packet that opened the flow (network order; `[type, code]` for
+    /// ICMP), to check the flow again against a newer policy.
+    pub policy_port: u16,
+    /// L7 filter port for [`ct_flags::PROXY_REDIRECT`] flows.
+    pub proxy_port: u16,
+    /// The [`verdict`] that let the flow pass.
+    pub verdict: u8,
+    /// [`ct_flags::REVOKED`] flows: the [`DropReason`] of the check that revoked it, so
+    /// every later packet is reported with it.
+    pub revoked_reason: u8,
+    pub _pad: [u8; 6],
 }
 
 pub const NS_PER_SEC: u64 = 1_000_000_000;
@@ -226,10 +355,14 @@ pub const CT_LIFETIME_CLOSING_NS: u64 = 10 * NS_PER_SEC;
 /// `last_seen_ns` is rewritten at most this often, to keep the cache line clean.
 pub const CT_REFRESH_NS: u64 = NS_PER_SEC;
 
-/// How long an entry with `flags` for `protocol` lives after its last packet.
+/// How long an entry with `flags` for `protocol` lives after its last packet. A revoked TCP
+/// connection is remembered as long as an established one, so that its retransmissions never
+/// outlive the tombstone.
 #[inline(always)]
 pub const fn ct_lifetime_ns(protocol: u8, flags: u32) -> u64 {
-    if protocol != IPPROTO_TCP {
+    if protocol == IPPROTO_TCP && flags & ct_flags::REVOKED != 0 && flags & ct_flags::CLOSING == 0 {
+        CT_LIFETIME_TCP_NS
+    } else if protocol != IPPROTO_TCP {
         CT_LIFETIME_NONTCP_NS
     } else if flags & ct_flags::CLOSING != 0 {
         CT_LIFETIME_CLOSING_NS
@@ -240,8 +373,83 @@ pub const fn ct_lifetime_ns(protocol: u8, flags: u32) -> u64 {
     }
 }
 
+// === fragments: the ports of a fragmented datagram, from its first fragment ===
+
+/// Key of the `fragments` LRU: the datagram (addresses as the packet carries them, IP
+/// identification, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct FragKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// IPv4 identification (16 bits) or the IPv6 Fragment header's identification (32).
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct FragEntry {
+    /// Ports of the first fragment, network byte order (ICMP: the echo id in both).
+    pub sport: u16,
+    pub dport: u16,
+    /// Its policy port (network order; `[type, code]` for ICMP).
+    pub policy_port: u16,
+    pub _pad: u16,
+}
+
+// === flow event rate limit: a drop flood is reported once per flow and second ===
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EventLimit {
+    pub last_ns: u64,
+    /// Events held back since `last_ns`.
+    pub suppressed: u32,
+    pub _pad: u32,
+}
+
+/// At most one drop event per flow in this interval.
+pub const EVENT_LIMIT_INTERVAL_NS: u64 = NS_PER_SEC;
+
+// === auth: (identities, node) -> expiry ===
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct AuthKey {
+    pub local_identity: u32,
+    pub remote_identity: u32,
+    pub remote_node_id: u16,
+    pub auth_type: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AuthEntry {
+    /// Monotonic time after which the authentication must be done again.
+    pub expires_ns: u64,
+}
+
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
+
+/// Packet marks between the datapath, the node's routing and the L7 filter.
+pub mod l7_mark {
+    /// Set by `from_pod` on a packet it hands to a socket of the L7 filter
+    /// (`bpf_sk_assign`): the agent's rule for it routes such packets to [`ROUTE_TABLE`],
+    /// whose local default route delivers them to that socket whatever their destination.
+    pub const TO_PROXY: u32 = 0x0a70_0200;
+    /// Set by the L7 filter (`SO_MARK`) on its upstream connections: `to_pod` lets them pass
+    /// a `redirect-l7` entry (the filter has decided), and steers their replies back to it.
+    /// Pods cannot forge it: a mark does not survive leaving a pod's namespace.
+    pub const FROM_PROXY: u32 = 0x0a70_0300;
+    /// The routing table of [`TO_PROXY`] packets (`local 0.0.0.0/0 dev lo`).
+    pub const ROUTE_TABLE: u32 = 2004;
+    /// Priority of the rule that selects it (before the main table's 32766).
+    pub const RULE_PRIORITY: u32 = 2004;
+}
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_SCTP: u8 = 132;
@@ -250,7 +458,7 @@ pub const IPPROTO_SCTP: u8 = 132;
 
 /// Why a packet was dropped (or, with audit, would have been). A closed list: numbers are
 /// never renumbered or reused; a retired reason stays as a gap. Shown by name everywhere
-/// (`DropReason::name`). Keep in step with `agent/src/observe` (metrics labels).
+/// (`DropReason::name`); the agent's metrics labels and `weft observe` use these names.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DropReason {
@@ -268,10 +476,14 @@ pub enum DropReason {
     CtInvalid = 7,
     /// The flow needs the L7 filter, which is not running.
     L7Unavailable = 8,
+    /// A non-first fragment whose first fragment was not seen (or was dropped).
+    FragmentUnknown = 9,
+    /// A packet leaving a pod with a source address that is not the pod's.
+    SpoofedSource = 10,
 }
 
 impl DropReason {
-    pub const MAX: u8 = 8;
+    pub const MAX: u8 = 10;
 
     pub const fn from_u8(value: u8) -> Option<Self> {
         Some(match value {
@@ -284,6 +496,8 @@ impl DropReason {
             6 => Self::Malformed,
             7 => Self::CtInvalid,
             8 => Self::L7Unavailable,
+            9 => Self::FragmentUnknown,
+            10 => Self::SpoofedSource,
             _ => return None,
         })
     }
@@ -299,6 +513,8 @@ impl DropReason {
             Self::Malformed => "malformed",
             Self::CtInvalid => "ct-invalid",
             Self::L7Unavailable => "l7-unavailable",
+            Self::FragmentUnknown => "fragment-unknown",
+            Self::SpoofedSource => "spoofed-source",
         }
     }
 }
@@ -311,8 +527,19 @@ pub mod flow_verdict {
     pub const AUDIT: u8 = 3;
 }
 
+/// Extra facts about an event's packet ([`FlowEvent::notes`] bits).
+pub mod event_notes {
+    /// An ICMP error quoting a packet of a known flow (passed as part of that flow).
+    pub const RELATED: u8 = 1 << 0;
+    /// An established flow checked again against a newer policy and no longer allowed.
+    pub const REVOKED: u8 = 1 << 1;
+    /// A fragment of a datagram.
+    pub const FRAGMENT: u8 = 1 << 2;
+}
+
 /// A record in the `events` ring buffer: emitted for the first packet of a flow (conntrack
-/// miss) and for every drop, never for packets of established flows.
+/// miss), for every drop (at most one per flow and [`EVENT_LIMIT_INTERVAL_NS`]), never for
+/// packets of established flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowEvent {
@@ -328,6 +555,8 @@ pub struct FlowEvent {
     pub endpoint_id: u32,
     pub ifindex: u32,
     pub packet_len: u32,
+    /// Drop events of this flow held back since the previous one.
+    pub suppressed: u32,
     pub protocol: u8,
     /// [`direction`] relative to the endpoint.
     pub direction: u8,
@@ -338,19 +567,45 @@ pub struct FlowEvent {
     /// 4 for IPv4, 6 for IPv6.
     pub ip_version: u8,
     pub tcp_flags: u8,
-    pub _pad: [u8; 2],
+    /// [`event_notes`] bits.
+    pub notes: u8,
+    pub _pad: u8,
+    /// The remote side's node (`nodes` key), 0 for this node or outside the cluster.
+    pub remote_node_id: u16,
+    pub _pad2: u16,
 }
 
 /// Index into the per-CPU `metrics` array: one slot per (drop reason, direction); reason 0
 /// (`None`) counts forwarded packets. Audited would-be drops count under their reason in
-/// the slots after [`METRICS_AUDIT_BASE`].
+/// the slots after [`METRICS_AUDIT_BASE`]; datapath-wide counters follow from
+/// [`METRICS_GLOBAL_BASE`].
 #[inline(always)]
 pub const fn metrics_index(reason: u8, direction: u8, audit: bool) -> u32 {
     let base = if audit { METRICS_AUDIT_BASE } else { 0 };
     base + (reason as u32) * 2 + (direction as u32 & 1)
 }
 pub const METRICS_AUDIT_BASE: u32 = 32;
-pub const METRICS_ENTRIES: usize = 64;
+pub const METRICS_GLOBAL_BASE: u32 = 64;
+
+/// Datapath-wide counters (slots from [`METRICS_GLOBAL_BASE`]; `packets` counts events).
+pub mod metrics_slot {
+    use super::METRICS_GLOBAL_BASE;
+    /// Flow events lost because the ring buffer was full.
+    pub const EVENTS_LOST: u32 = METRICS_GLOBAL_BASE;
+    /// Drop events held back by the per-flow rate limit.
+    pub const EVENTS_RATE_LIMITED: u32 = METRICS_GLOBAL_BASE + 1;
+    /// Established flows checked again after a policy change.
+    pub const CT_REVALIDATED: u32 = METRICS_GLOBAL_BASE + 2;
+    /// Established flows a newer policy no longer allows.
+    pub const CT_REVOKED: u32 = METRICS_GLOBAL_BASE + 3;
+    /// ICMP errors passed because they belong to a known flow.
+    pub const ICMP_RELATED: u32 = METRICS_GLOBAL_BASE + 4;
+    /// Conntrack entries the datapath created (a new key, not one written over).
+    pub const CT_CREATED: u32 = METRICS_GLOBAL_BASE + 5;
+    /// Conntrack entries the datapath removed (their endpoint was gone).
+    pub const CT_REMOVED: u32 = METRICS_GLOBAL_BASE + 6;
+}
+pub const METRICS_ENTRIES: usize = 80;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -359,32 +614,78 @@ pub struct MetricValue {
     pub bytes: u64,
 }
 
-// === layout checks: same sizes on both sides ===
+// === layout checks: every field at the same offset on both sides ===
+macro_rules! assert_layout {
+    ($ty:ty, $size:expr, { $($field:ident : $offset:expr),* $(,)? }) => {
+        const _: () = {
+            assert!(core::mem::size_of::<$ty>() == $size);
+            $(assert!(core::mem::offset_of!($ty, $field) == $offset);)*
+        };
+    };
+}
+
+assert_layout!(DatapathConfig, 32, {
+    policy_revision: 0, flags: 4, local_node_id: 8, _pad: 10, _reserved: 12,
+});
+assert_layout!(EndpointInfo, 16, { endpoint_id: 0, identity: 4, flags: 8, _pad: 12 });
+assert_layout!(IpcacheKey, 16, { addr: 0 });
+assert_layout!(IpcacheEntry, 16, {
+    identity: 0, node_id: 4, flags: 6, _pad: 7, ifindex: 8, _reserved: 12,
+});
+assert_layout!(NodeEntry, 24, { underlay_addr: 0, flags: 16, encrypt_ifindex: 20 });
+assert_layout!(PolicyKey, 12, {
+    endpoint_id: 0, identity: 4, direction: 8, protocol: 9, dport: 10,
+});
+assert_layout!(PolicyEntry, 8, {
+    verdict: 0, audit_verdict: 1, auth_type: 2, flags: 3, proxy_port: 4, _pad: 6,
+});
+assert_layout!(CtKey, 40, {
+    local_addr: 0, remote_addr: 16, local_port: 32, remote_port: 34, protocol: 36, _pad: 37,
+});
+assert_layout!(CtEntry, 64, {
+    created_ns: 0, last_seen_ns: 8, packets: 16, bytes: 24, flags: 32, peer_identity: 36,
+    endpoint_id: 40, revision: 44, redirect_ifindex: 48, policy_port: 52, proxy_port: 54,
+    verdict: 56, revoked_reason: 57, _pad: 58,
+});
+assert_layout!(FragKey, 40, { src_addr: 0, dst_addr: 16, id: 32, protocol: 36, _pad: 37 });
+assert_layout!(FragEntry, 8, { sport: 0, dport: 2, policy_port: 4, _pad: 6 });
+assert_layout!(EventLimit, 16, { last_ns: 0, suppressed: 8, _pad: 12 });
+assert_layout!(AuthKey, 12, {
+    local_identity: 0, remote_identity: 4, remote_node_id: 8, auth_type: 10, _pad: 11,
+});
+assert_layout!(AuthEntry, 8, { expires_ns: 0 });
+assert_layout!(FlowEvent, 80, {
+    timestamp_ns: 0, src_addr: 8, dst_addr: 24, src_port: 40, dst_port: 42,
+    src_identity: 44, dst_identity: 48, endpoint_id: 52, ifindex: 56, packet_len: 60,
+    suppressed: 64, protocol: 68, direction: 69, verdict: 70, drop_reason: 71,
+    ip_version: 72, tcp_flags: 73, notes: 74, _pad: 75, remote_node_id: 76, _pad2: 78,
+});
+assert_layout!(MetricValue, 16, { packets: 0, bytes: 8 });
+
 const _: () = {
-    assert!(core::mem::size_of::<EndpointInfo>() == 16);
-    assert!(core::mem::size_of::<IpcacheKey>() == 16);
-    assert!(core::mem::size_of::<IpcacheEntry>() == 16);
-    assert!(core::mem::size_of::<PolicyKey>() == 12);
-    assert!(core::mem::size_of::<PolicyEntry>() == 4);
-    assert!(core::mem::size_of::<CtKey>() == 40);
-    assert!(core::mem::size_of::<CtEntry>() == 56);
-    assert!(core::mem::size_of::<FlowEvent>() == 72);
-    assert!(core::mem::size_of::<MetricValue>() == 16);
     assert!((METRICS_AUDIT_BASE as usize) >= (DropReason::MAX as usize + 1) * 2);
-    assert!(METRICS_ENTRIES >= METRICS_AUDIT_BASE as usize * 2);
+    assert!(METRICS_GLOBAL_BASE >= METRICS_AUDIT_BASE * 2);
+    assert!(METRICS_ENTRIES > metrics_slot::ICMP_RELATED as usize);
 };
 
 #[cfg(feature = "user")]
 mod user {
     use super::*;
     // SAFETY: all types are repr(C), Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for IpcacheKey {}
     unsafe impl aya::Pod for IpcacheEntry {}
+    unsafe impl aya::Pod for NodeEntry {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyEntry {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragEntry {}
+    unsafe impl aya::Pod for EventLimit {}
+    unsafe impl aya::Pod for AuthKey {}
+    unsafe impl aya::Pod for AuthEntry {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for MetricValue {}
 }

@@ -1,16 +1,19 @@
 //! Flow events (ring buffer) and per-CPU counters. Never makes a packet fail: a full ring
-//! buffer loses the event, not the packet.
+//! buffer loses the event, not the packet, and the loss is counted.
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::bpf_ringbuf_query,
 };
-use weft_common::{EVENTS_RING_BYTES, FlowEvent, MetricValue};
+use weft_common::{
+    CtKey, EVENT_LIMIT_INTERVAL_NS, EVENTS_RING_BYTES, EventLimit, FlowEvent, MetricValue,
+    metrics_slot,
+};
 
-use crate::maps::{EVENTS, METRICS};
+use crate::maps::{EVENT_LIMITS, EVENTS, METRICS};
 
 /// Adds one packet of `len` bytes to the per-CPU counter at `index`
-/// (`weft_common::metrics_index`).
+/// (`weft_common::metrics_index`, `weft_common::metrics_slot`).
 #[inline(always)]
 pub fn count(index: u32, len: u32) {
     if let Some(slot) = METRICS.get_ptr_mut(index) {
@@ -29,8 +32,8 @@ pub fn count(index: u32, len: u32) {
 /// most of what a new connection costs the datapath.
 const WAKEUP_THRESHOLD_BYTES: u64 = (EVENTS_RING_BYTES / 8) as u64;
 
-/// Sends `event` to the agent. When the ring buffer is full the event is lost; the packet is
-/// never dropped for that (its verdict is still counted in `metrics`).
+/// Sends `event` to the agent. When the ring buffer is full the event is lost and counted
+/// ([`metrics_slot::EVENTS_LOST`]); the packet is never dropped for that.
 #[inline(always)]
 pub fn emit(event: &FlowEvent) {
     // SAFETY: EVENTS is a ring buffer map; the loader relocates its address.
@@ -45,5 +48,40 @@ pub fn emit(event: &FlowEvent) {
     } else {
         BPF_RB_NO_WAKEUP
     };
-    let _ = EVENTS.output(event, u64::from(flags));
+    if EVENTS.output(event, u64::from(flags)).is_err() {
+        count(metrics_slot::EVENTS_LOST, 0);
+    }
+}
+
+/// What [`drop_event_allowed`] answers when the event is held back.
+pub const HELD_BACK: u32 = u32::MAX;
+
+/// Rate limit of drop events per flow: the number of the flow's events held back since the
+/// last one went out when this one may go out too, or [`HELD_BACK`] (counted in
+/// [`metrics_slot::EVENTS_RATE_LIMITED`]). Out of line: only drops pay for it.
+#[inline(never)]
+pub fn drop_event_allowed(key: &CtKey, now: u64) -> u32 {
+    if let Some(limit) = EVENT_LIMITS.get_ptr_mut(key) {
+        let limit: *mut EventLimit = limit;
+        // SAFETY: a value pointer from bpf_map_lookup_elem, valid for this program run; a
+        // lost update from another CPU only misses one count.
+        unsafe {
+            if now.saturating_sub((*limit).last_ns) < EVENT_LIMIT_INTERVAL_NS {
+                (*limit).suppressed += 1;
+                count(metrics_slot::EVENTS_RATE_LIMITED, 0);
+                return HELD_BACK;
+            }
+            let held_back = (*limit).suppressed;
+            (*limit).last_ns = now;
+            (*limit).suppressed = 0;
+            return held_back;
+        }
+    }
+    let fresh = EventLimit {
+        last_ns: now,
+        suppressed: 0,
+        _pad: 0,
+    };
+    let _ = EVENT_LIMITS.insert(key, fresh, 0);
+    0
 }

@@ -9,12 +9,5 @@ use crate::pipeline;
 /// Direction: EGRESS of the endpoint; the local side is the packet's source.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    match try_from_pod(&ctx) {
-        Ok(action) | Err(action) => action,
-    }
-}
-
-#[inline(always)]
-fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
-    pipeline::process(ctx, direction::EGRESS)
+    pipeline::process(&ctx, direction::EGRESS)
 }

@@ -5,6 +5,9 @@
 //! the agent. Least work per packet: a conntrack hit costs one lookup and a counter.
 #![no_std]
 #![no_main]
+// Keys are passed by reference on purpose: the value must stay in its 8-byte aligned stack
+// slot (`maps::Aligned`), a by-value argument would be copied to a less aligned one.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod conntrack;
 mod events;
@@ -13,6 +16,7 @@ mod maps;
 mod parse;
 mod pipeline;
 mod policy;
+mod proxy;
 mod to_pod;
 
 /// GPL: the programs call GPL-only helpers (ring buffer output, ktime).

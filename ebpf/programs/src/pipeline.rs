@@ -1,6 +1,8 @@
 //! The per-packet sequence shared by both hooks, parameterised by the policy direction:
-//! parse, conntrack fast path, then (on a miss) endpoint, peer identity, policy, conntrack
-//! entry, flow event and counters. `from_pod`/`to_pod` only pick the direction.
+//! parse, fragments, conntrack fast path, then (on a miss) ICMP errors of known flows,
+//! endpoint, peer identity, policy, conntrack entry, flow event and counters; and the check
+//! of an established flow against a newer policy. `from_pod`/`to_pod` only pick the
+//! direction.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -10,48 +12,103 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use weft_common::{
-    CtKey, DropReason, EndpointInfo, FlowEvent, IPCACHE_KEY_BITS, IpcacheKey, direction,
-    flow_verdict, identity, metrics_index,
+    CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent, FragEntry, FragKey, IPCACHE_KEY_BITS,
+    IpcacheEntry, IpcacheKey, ct_flags, direction, event_notes, flow_verdict, identity,
+    ipcache_flags, metrics_index, metrics_slot,
 };
 
 use crate::{
-    conntrack, events,
-    maps::{Aligned, ENDPOINTS, IPCACHE},
-    parse::{self, MAX_PARSE_LEN, Packet, Parsed, addr_bytes},
-    policy,
+    conntrack::{self, Hit, NewFlow},
+    events,
+    maps::{self, Aligned, ENDPOINTS, FRAGMENTS, IPCACHE, SCRATCH},
+    parse::{self, MAX_PARSE_LEN, Packet, addr_bytes, frag, parsed},
+    policy, proxy,
 };
 
-/// Runs the datapath for one packet seen in direction `dir` (relative to the endpoint).
-/// `Ok` carries the tc action of a passed packet, `Err` that of a dropped one.
+/// Runs the datapath for one packet seen in direction `dir` (relative to the endpoint);
+/// returns the tc action.
+///
+/// Only the fast path is inline: the slow paths (new flows, flows checked again, drops) are
+/// subprograms of their own, so that their stack is never part of this frame (6.1's verifier
+/// adds up the frames of a call chain against 512 bytes, each rounded up to 32).
 #[inline(always)]
-pub fn process(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
+pub fn process(ctx: &TcContext, dir: u8) -> i32 {
     let len = ctx.len();
-    let pkt = match parse::parse(ctx) {
-        Ok(Parsed::Ip(pkt)) => pkt,
-        Ok(Parsed::Pass) => return Ok(TC_ACT_OK),
-        // Headers beyond the linear part of the skb: pull them in and parse again. Rare, so
-        // the common path never pays for bpf_skb_pull_data (which copies cloned heads).
-        Err(parse::Malformed) => match pull_headers(ctx, len).and_then(|()| parse::parse(ctx)) {
-            Ok(Parsed::Ip(pkt)) => pkt,
-            Ok(Parsed::Pass) => return Ok(TC_ACT_OK),
-            Err(parse::Malformed) => return Err(drop_malformed(ctx, dir, len)),
-        },
-    };
-    let key = conntrack::key(&pkt, dir);
-    // The coarse clock (one tick of resolution) is all conntrack lifetimes need, and it is a
-    // plain read, unlike the clocksource behind bpf_ktime_get_ns.
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(redirect) = conntrack::refresh(&key.0, dir, pkt.tcp_flags, len, now) {
-        events::count(metrics_index(DropReason::None as u8, dir, false), len);
-        // A local pod-to-pod flow leaving its pod: straight into the other pod. (Only tc
-        // ingress can redirect to a peer; `to_pod` never needs to.)
-        if redirect != 0 && dir == direction::EGRESS {
-            return Ok(redirect_peer(redirect));
-        }
-        return Ok(TC_ACT_OK);
+    let mut pkt = Packet::EMPTY;
+    let mut status = parse::parse_into(ctx, &mut pkt);
+    // Headers beyond the linear part of the skb: pull them in and parse again. Rare, so
+    // the common path never pays for bpf_skb_pull_data (which copies cloned heads).
+    if status == parsed::MALFORMED && pull_headers(ctx, len) == 0 {
+        status = parse::parse_into(ctx, &mut pkt);
     }
-    new_flow(ctx, dir, &pkt, &key.0, len, now)
+    if status == parsed::PASS {
+        return TC_ACT_OK;
+    }
+    if status != parsed::IP {
+        return drop_malformed(ctx, dir, len);
+    }
+    let mut seen = Seen {
+        now: clock(),
+        len,
+        revision: maps::policy_revision(),
+        dir,
+        new_key: true,
+    };
+    if pkt.frag != frag::NONE && !fragment_ports(&mut pkt) {
+        return drop_fragment_unknown(ctx, &pkt, &seen);
+    }
+    let key = conntrack::key(&pkt, dir);
+    match conntrack::lookup(&key.0, dir, pkt.tcp_flags, len, seen.now, seen.revision) {
+        Hit::Live(redirect, proxied, proxy_port) => {
+            // Through the L7 filter: leaving the pod, to the filter's socket.
+            if proxied && dir == direction::EGRESS {
+                return steer_live(ctx, &pkt, &key.0, &seen, STEER | i32::from(proxy_port));
+            }
+            events::count(metrics_index(DropReason::None as u8, dir, false), len);
+            // A local pod-to-pod flow leaving its pod: straight into the other pod. (Only tc
+            // ingress can redirect to a peer; `to_pod` never needs to.)
+            if redirect != 0 && dir == direction::EGRESS {
+                return redirect_peer(redirect);
+            }
+            return TC_ACT_OK;
+        }
+        Hit::Stale(entry) => {
+            let action = recheck(ctx, &pkt, &key.0, entry, &seen);
+            return steer_if_asked(ctx, &pkt, &key.0, &seen, action);
+        }
+        Hit::Revoked(reason) => return drop_revoked(ctx, &pkt, &key.0, &seen, reason),
+        Hit::Miss(new_key) => seen.new_key = new_key,
+    }
+    let action = new_flow(ctx, &pkt, &key.0, &seen);
+    steer_if_asked(ctx, &pkt, &key.0, &seen, action)
+}
+
+/// What the slow paths answer instead of a tc action when the packet goes to the L7 filter
+/// (with its port in the low 16 bits): the steering runs in a frame of its own next to
+/// theirs, not below them (the call chain's stack stays under 512 bytes).
+const STEER: i32 = 1 << 30;
+/// With [`STEER`]: the packet was counted already.
+const COUNTED: i32 = 1 << 29;
+
+#[inline(always)]
+fn steer_if_asked(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen, action: i32) -> i32 {
+    if action > 0 && action & STEER != 0 {
+        return steer_live(ctx, pkt, key, seen, action);
+    }
+    action
+}
+
+/// The time conntrack and events use: the coarse clock (one tick of resolution, a plain
+/// read) where the kernel has it, else the precise one. Which one is decided at load time.
+#[inline(always)]
+fn clock() -> u64 {
+    if maps::use_coarse_clock() {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    }
 }
 
 /// Deliver the packet into the pod behind the host-side interface `ifindex`, past that
@@ -64,21 +121,25 @@ fn redirect_peer(ifindex: u32) -> i32 {
     unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
 }
 
-/// Pull the headers we parse into the linear part; `Malformed` when the packet has no more
-/// than its linear part (it is truncated, not fragmented). Out of line and returning no
-/// struct: BPF subprograms cannot hand back pointers into their own stack.
+/// Pull the headers we parse into the linear part; 0 when it did, non-zero when the packet
+/// has no more than its linear part (it is truncated, not fragmented) or the pull failed.
+/// Out of line and returning no struct: BPF subprograms cannot hand back pointers into their
+/// own stack.
 #[inline(never)]
-fn pull_headers(ctx: &TcContext, len: u32) -> Result<(), parse::Malformed> {
+fn pull_headers(ctx: &TcContext, len: u32) -> i32 {
     let linear = (ctx.data_end() - ctx.data()) as u32;
     if len <= linear {
-        return Err(parse::Malformed);
+        return 1;
     }
     let want = if len < MAX_PARSE_LEN {
         len
     } else {
         MAX_PARSE_LEN
     };
-    ctx.pull_data(want).map_err(|_| parse::Malformed)
+    match ctx.pull_data(want) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
 }
 
 #[inline(always)]
@@ -87,37 +148,114 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Slow path: a packet without a live conntrack entry.
+/// Fragments: the first one leaves its ports for the rest of its datagram; a later one takes
+/// them (then it meets conntrack and policy like the first). `false` when a later fragment's
+/// datagram is unknown: its first fragment never came this way.
+#[inline(never)]
+fn fragment_ports(pkt: &mut Packet) -> bool {
+    let key = Aligned(FragKey {
+        src_addr: addr_bytes(pkt.src),
+        dst_addr: addr_bytes(pkt.dst),
+        id: pkt.frag_id,
+        protocol: pkt.protocol,
+        _pad: [0; 3],
+    });
+    if pkt.frag == frag::FIRST {
+        let ports = FragEntry {
+            sport: pkt.sport,
+            dport: pkt.dport,
+            policy_port: pkt.policy_port,
+            _pad: 0,
+        };
+        // A full LRU evicts the oldest datagram, whose later fragments are then dropped.
+        let _ = FRAGMENTS.insert(&key.0, ports, 0);
+        return true;
+    }
+    match FRAGMENTS.get_ptr(&key.0) {
+        Some(ports) => {
+            // SAFETY: a value pointer from bpf_map_lookup_elem, valid for this program run.
+            let ports: FragEntry = unsafe { *ports };
+            pkt.sport = ports.sport;
+            pkt.dport = ports.dport;
+            pkt.policy_port = ports.policy_port;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Whether an ICMP error (destination unreachable, packet too big, time exceeded, parameter
+/// problem) quotes a packet of a live flow of this endpoint: then it is part of that flow
+/// (path MTU discovery must work for isolated pods). Errors about flows that do not exist
+/// take the policy path like any other packet.
 #[inline(always)]
-fn new_flow(
-    ctx: &TcContext,
-    dir: u8,
-    pkt: &Packet,
-    key: &CtKey,
-    len: u32,
+fn related(ctx: &TcContext, pkt: &Packet, dir: u8, now: u64) -> bool {
+    let mut quoted = Aligned(CtKey::default());
+    parse::quoted_flow(ctx, pkt, dir, &mut quoted.0) && conntrack::is_live(&quoted.0, now)
+}
+
+/// The identity (and node) of a remote address, `world` when the ipcache does not know it.
+#[inline(always)]
+fn lookup_ipcache(addr: [u8; 16]) -> Option<IpcacheEntry> {
+    let key = Aligned(Key::new(IPCACHE_KEY_BITS, IpcacheKey { addr }));
+    IPCACHE.get(&key.0).copied()
+}
+
+/// What the slow paths know about the packet besides its headers.
+struct Seen {
     now: u64,
-) -> Result<i32, i32> {
+    len: u32,
+    revision: u32,
+    dir: u8,
+    /// Conntrack has no entry for the flow, not even an expired one.
+    new_key: bool,
+}
+
+/// Slow path: a packet without a live conntrack entry.
+#[inline(never)]
+fn new_flow(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen) -> i32 {
+    match try_new_flow(ctx, pkt, key, seen) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+#[inline(always)]
+fn try_new_flow(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen) -> Result<i32, i32> {
+    let (dir, len, now, revision) = (seen.dir, seen.len, seen.now, seen.revision);
     let ifindex = ifindex(ctx);
-    let mut event = flow_event(pkt, dir, ifindex, len, now);
+    // Fail closed without room for the event (the slot always exists).
+    let event = flow_event(pkt, dir, ifindex, len, now).ok_or(TC_ACT_SHOT)?;
+    if pkt.icmp_error_off != 0 && related(ctx, pkt, dir, now) {
+        events::count(metrics_slot::ICMP_RELATED, len);
+        events::count(metrics_index(DropReason::None as u8, dir, false), len);
+        return Ok(TC_ACT_OK);
+    }
 
     // Fail closed: an interface we are attached to but know nothing about drops everything.
     let Some(ep) = ENDPOINTS.get_ptr(ifindex) else {
-        return Err(drop_unknown_endpoint(ctx, &mut event, dir, len, ifindex));
+        return Err(drop_unknown_endpoint(ctx, event, key, ifindex));
     };
     // SAFETY: non-null value pointer from bpf_map_lookup_elem; copied out at once.
     let ep: EndpointInfo = unsafe { *ep };
-
-    let remote = Aligned(Key::new(
-        IPCACHE_KEY_BITS,
-        IpcacheKey {
-            addr: key.remote_addr,
-        },
-    ));
-    let (peer, peer_ifindex) = match IPCACHE.get(&remote.0) {
-        Some(entry) => (entry.identity, entry.ifindex),
-        None => (identity::WORLD, 0),
-    };
     event.endpoint_id = ep.endpoint_id;
+
+    // A pod may only send from its own addresses: a forged source would borrow another
+    // identity (and, through conntrack, its connections).
+    if dir == direction::EGRESS {
+        let own = lookup_ipcache(key.local_addr)
+            .is_some_and(|e| e.ifindex == ifindex && e.flags & ipcache_flags::LOCAL_POD != 0);
+        if !own {
+            event.src_identity = identity::WORLD;
+            event.dst_identity = identity::ANY;
+            return Err(drop(event, key, DropReason::SpoofedSource));
+        }
+    }
+
+    let (peer, peer_ifindex, peer_node) = match lookup_ipcache(key.remote_addr) {
+        Some(entry) => (entry.identity, entry.ifindex, entry.node_id),
+        None => (identity::WORLD, 0, 0),
+    };
+    event.remote_node_id = peer_node;
     if dir == direction::EGRESS {
         event.src_identity = ep.identity;
         event.dst_identity = peer;
@@ -128,26 +266,52 @@ fn new_flow(
 
     let decision = policy::decide(&ep, peer, dir, pkt.protocol, pkt.policy_port);
     if !decision.pass {
-        return Err(drop(&mut event, dir, len, decision.reason));
+        return Err(drop(event, key, decision.reason));
     }
-    report_pass(&mut event, &decision, dir, len);
+    report_pass(event, &decision, dir, len);
     // To a pod of this node, seen leaving its source: the destination's ingress policy is
-    // decided here too, and the packet is delivered into it directly.
-    let redirect = if dir == direction::EGRESS && peer_ifindex != 0 {
-        deliver_local(pkt, &mut event, peer_ifindex, ifindex, len, now)?
+    // decided here too, and the packet is delivered into it directly (or to the L7 filter
+    // when either side's rule says so).
+    let (redirect, proxy_port) = if dir == direction::EGRESS && peer_ifindex != 0 {
+        deliver_local(
+            pkt,
+            event,
+            peer_ifindex,
+            ifindex,
+            revision,
+            decision.proxy_port,
+        )?
     } else {
-        0
+        (0, decision.proxy_port)
     };
-    conntrack::create(
-        key,
-        dir,
-        len,
-        now,
-        &decision,
-        peer,
-        ep.endpoint_id,
-        redirect,
-    );
+    let mut proxied = proxy_port != 0;
+    if dir == direction::INGRESS {
+        // Only the filter's own upstream connection may pass a `redirect-l7` entry here
+        // (tc egress cannot steer): the filter has decided. Its replies go back to it.
+        let from_filter = proxy::from_filter(ctx);
+        if proxied && !from_filter {
+            return Err(drop(event, key, DropReason::L7Unavailable));
+        }
+        proxied = from_filter;
+    }
+    let flow = NewFlow {
+        peer_identity: peer,
+        endpoint_id: ep.endpoint_id,
+        redirect_ifindex: redirect,
+        policy_port: pkt.policy_port,
+        revision,
+        new_key: seen.new_key,
+        proxied,
+        proxy_port: if dir == direction::EGRESS {
+            proxy_port
+        } else {
+            0
+        },
+    };
+    conntrack::create(key, dir, len, now, &decision, &flow);
+    if proxied && dir == direction::EGRESS {
+        return Ok(STEER | COUNTED | i32::from(proxy_port));
+    }
     if redirect != 0 {
         return Ok(redirect_peer(redirect));
     }
@@ -158,25 +322,30 @@ fn new_flow(
 /// ingress event of that pod, reusing the source's `event`) and its conntrack entry, which
 /// points back at the source so that replies are delivered the same way. Returns the
 /// destination's host ifindex to redirect to, or 0 when it has no endpoint entry (then the
-/// packet takes the routed path and meets `to_pod` there).
+/// packet takes the routed path and meets `to_pod` there); and the L7 filter's port when
+/// the source's (`src_proxy`) or the destination's rule sends the flow through it (then
+/// there is no entry for the destination: the filter's upstream connection gets its own).
 #[inline(always)]
 fn deliver_local(
     pkt: &Packet,
     event: &mut FlowEvent,
     dst_ifindex: u32,
     src_ifindex: u32,
-    len: u32,
-    now: u64,
-) -> Result<u32, i32> {
+    revision: u32,
+    src_proxy: u16,
+) -> Result<(u32, u16), i32> {
     let Some(dst) = ENDPOINTS.get_ptr(dst_ifindex) else {
-        return Ok(0);
+        return Ok((0, src_proxy));
     };
     // SAFETY: non-null value pointer from bpf_map_lookup_elem; copied out at once.
     let dst: EndpointInfo = unsafe { *dst };
     let src_identity = event.src_identity;
+    let len = event.packet_len;
+    let now = event.timestamp_ns;
     event.direction = direction::INGRESS;
     event.endpoint_id = dst.endpoint_id;
     event.ifindex = dst_ifindex;
+    let key = conntrack::key(pkt, direction::INGRESS);
     let decision = policy::decide(
         &dst,
         src_identity,
@@ -185,21 +354,170 @@ fn deliver_local(
         pkt.policy_port,
     );
     if !decision.pass {
-        return Err(drop(event, direction::INGRESS, len, decision.reason));
+        return Err(drop(event, &key.0, decision.reason));
     }
     report_pass(event, &decision, direction::INGRESS, len);
-    let key = conntrack::key(pkt, direction::INGRESS);
-    conntrack::create(
-        &key.0,
-        direction::INGRESS,
-        len,
-        now,
-        &decision,
-        src_identity,
-        dst.endpoint_id,
-        src_ifindex,
+    let proxy_port = if src_proxy != 0 {
+        src_proxy
+    } else {
+        decision.proxy_port
+    };
+    if proxy_port != 0 {
+        return Ok((0, proxy_port));
+    }
+    let flow = NewFlow {
+        peer_identity: src_identity,
+        endpoint_id: dst.endpoint_id,
+        redirect_ifindex: src_ifindex,
+        policy_port: pkt.policy_port,
+        revision,
+        new_key: maps::CONNTRACK.get_ptr(&key.0).is_none(),
+        proxied: false,
+        proxy_port: 0,
+    };
+    conntrack::create(&key.0, direction::INGRESS, len, now, &decision, &flow);
+    Ok((dst_ifindex, 0))
+}
+
+/// An established flow last checked against an older policy revision: check it again, in
+/// the direction that opened it, with the peer's current identity (and, for a local
+/// pod-to-pod flow, the other pod's side too, since its hook never sees this endpoint's
+/// packets). Still allowed: the entry is stamped with the current revision and the packet
+/// goes on as on the fast path. Revoked: the entry goes and the packet is dropped, in
+/// whichever direction it travels, so revoked access stops established connections too.
+#[inline(never)]
+fn recheck(ctx: &TcContext, pkt: &Packet, key: &CtKey, entry: *mut CtEntry, seen: &Seen) -> i32 {
+    match try_recheck(ctx, pkt, key, entry, seen) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+#[inline(always)]
+fn try_recheck(
+    ctx: &TcContext,
+    pkt: &Packet,
+    key: &CtKey,
+    entry: *mut CtEntry,
+    seen: &Seen,
+) -> Result<i32, i32> {
+    let ifindex = ifindex(ctx);
+    let event = flow_event(pkt, seen.dir, ifindex, seen.len, seen.now).ok_or(TC_ACT_SHOT)?;
+    let Some(ep) = ENDPOINTS.get_ptr(ifindex) else {
+        conntrack::remove(key);
+        return Err(drop_unknown_endpoint(ctx, event, key, ifindex));
+    };
+    // SAFETY: non-null value pointers from bpf_map_lookup_elem, valid for this program run.
+    let ep: EndpointInfo = unsafe { *ep };
+    let (flags, redirect, port, proxy_port) = unsafe {
+        (
+            (*entry).flags,
+            (*entry).redirect_ifindex,
+            (*entry).policy_port,
+            (*entry).proxy_port,
+        )
+    };
+    let proxied = flags & ct_flags::PROXY_REDIRECT != 0;
+    let origin = if flags & ct_flags::ORIGIN_EGRESS != 0 {
+        direction::EGRESS
+    } else {
+        direction::INGRESS
+    };
+    let peer = match lookup_ipcache(key.remote_addr) {
+        Some(e) => e.identity,
+        None => identity::WORLD,
+    };
+    let mut decision = policy::decide(&ep, peer, origin, key.protocol, port);
+    if decision.pass
+        && redirect != 0
+        && let Some(other) = ENDPOINTS.get_ptr(redirect)
+    {
+        // SAFETY: as above.
+        let other: EndpointInfo = unsafe { *other };
+        let other_dir = direction::EGRESS + direction::INGRESS - origin;
+        let theirs = policy::decide(&other, ep.identity, other_dir, key.protocol, port);
+        if !theirs.pass || theirs.proxy_port != 0 {
+            decision = theirs;
+        }
+    }
+    // A direct flow that a newer policy sends through the L7 filter cannot be moved there
+    // mid-connection: it ends (the client's next connection is steered), never unfiltered.
+    if decision.proxy_port != 0 && !proxied {
+        decision = policy::Decision::drop(DropReason::L7Unavailable);
+    }
+    events::count(metrics_slot::CT_REVALIDATED, seen.len);
+    if !decision.pass {
+        // SAFETY: the entry pointer of this program run's lookup.
+        unsafe { conntrack::revoke(entry, seen.revision, decision.reason as u8) };
+        if redirect != 0 {
+            conntrack::revoke_mirror(key, seen.revision, decision.reason as u8);
+        }
+        events::count(metrics_slot::CT_REVOKED, seen.len);
+        event.endpoint_id = ep.endpoint_id;
+        event.notes = event_notes::REVOKED;
+        if seen.dir == direction::EGRESS {
+            event.src_identity = ep.identity;
+            event.dst_identity = peer;
+        } else {
+            event.src_identity = peer;
+            event.dst_identity = ep.identity;
+        }
+        return Err(drop(event, key, decision.reason));
+    }
+    // SAFETY: as above; plain stores into the entry.
+    unsafe {
+        (*entry).revision = seen.revision;
+        (*entry).peer_identity = peer;
+        (*entry).verdict = decision.verdict;
+        // Allowed again: a revoked flow comes back.
+        (*entry).flags &= !ct_flags::REVOKED;
+        if decision.audit {
+            (*entry).flags |= ct_flags::AUDIT;
+        }
+        conntrack::account(
+            entry,
+            key.protocol,
+            seen.dir,
+            pkt.tcp_flags,
+            seen.len,
+            seen.now,
+        );
+    }
+    events::count(
+        metrics_index(DropReason::None as u8, seen.dir, false),
+        seen.len,
     );
-    Ok(dst_ifindex)
+    if proxied && seen.dir == direction::EGRESS {
+        return Ok(STEER | COUNTED | i32::from(proxy_port));
+    }
+    if redirect != 0 && seen.dir == direction::EGRESS {
+        return Ok(redirect_peer(redirect));
+    }
+    Ok(TC_ACT_OK)
+}
+
+/// A packet of a flow through the L7 filter, leaving its pod: to the filter's socket, or
+/// dropped as `l7-unavailable` when the filter has none for it (it died or restarted).
+#[inline(never)]
+fn steer_live(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen, steer: i32) -> i32 {
+    if proxy::steer(ctx, pkt, (steer & 0xffff) as u16) {
+        if steer & COUNTED == 0 {
+            events::count(
+                metrics_index(DropReason::None as u8, seen.dir, false),
+                seen.len,
+            );
+        }
+        return TC_ACT_OK;
+    }
+    let Some(event) = flow_event(pkt, seen.dir, ifindex(ctx), seen.len, seen.now) else {
+        return TC_ACT_SHOT;
+    };
+    if let Some(ep) = ENDPOINTS.get_ptr(event.ifindex) {
+        // SAFETY: non-null value pointer from bpf_map_lookup_elem; copied out at once.
+        let ep: EndpointInfo = unsafe { *ep };
+        event.endpoint_id = ep.endpoint_id;
+        event.src_identity = ep.identity;
+    }
+    drop(event, key, DropReason::L7Unavailable)
 }
 
 /// Reports and counts a passed new flow (allowed, or audited).
@@ -218,60 +536,112 @@ fn report_pass(event: &mut FlowEvent, decision: &policy::Decision, dir: u8, len:
     );
 }
 
-/// Reports and counts a drop; returns the tc action.
+/// Counts a drop and reports it (at most once per flow and second); returns the tc action.
 #[inline(always)]
-fn drop(event: &mut FlowEvent, dir: u8, len: u32, reason: DropReason) -> i32 {
+fn drop(event: &mut FlowEvent, key: &CtKey, reason: DropReason) -> i32 {
     event.verdict = flow_verdict::DROPPED;
     event.drop_reason = reason as u8;
-    events::emit(event);
-    events::count(metrics_index(reason as u8, dir, false), len);
+    events::count(
+        metrics_index(reason as u8, event.direction, false),
+        event.packet_len,
+    );
+    let held_back = events::drop_event_allowed(key, event.timestamp_ns);
+    if held_back != events::HELD_BACK {
+        event.suppressed = held_back;
+        events::emit(event);
+    }
     TC_ACT_SHOT
 }
 
 /// A packet on an interface without an endpoint entry (a stale attachment or an agent bug):
 /// dropped, and logged through aya-log. Out of line: rare, and the log call is large.
 #[inline(never)]
-fn drop_unknown_endpoint(
-    ctx: &TcContext,
-    event: &mut FlowEvent,
-    dir: u8,
-    len: u32,
-    ifindex: u32,
-) -> i32 {
+fn drop_unknown_endpoint(ctx: &TcContext, event: &mut FlowEvent, key: &CtKey, ifindex: u32) -> i32 {
     warn!(
         ctx,
         "no endpoint for ifindex {}: dropped (fail closed)", ifindex
     );
-    drop(event, dir, len, DropReason::UnknownEndpoint)
+    drop(event, key, DropReason::UnknownEndpoint)
+}
+
+/// A packet of a flow the current policy revoked (reported at most once a second).
+#[inline(never)]
+fn drop_revoked(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen, reason: u8) -> i32 {
+    let Some(event) = flow_event(pkt, seen.dir, ifindex(ctx), seen.len, seen.now) else {
+        return TC_ACT_SHOT;
+    };
+    event.notes |= event_notes::REVOKED;
+    if let Some(ep) = ENDPOINTS.get_ptr(event.ifindex) {
+        // SAFETY: non-null value pointer from bpf_map_lookup_elem; copied out at once.
+        let ep: EndpointInfo = unsafe { *ep };
+        event.endpoint_id = ep.endpoint_id;
+        let peer = match lookup_ipcache(key.remote_addr) {
+            Some(e) => e.identity,
+            None => identity::WORLD,
+        };
+        if seen.dir == direction::EGRESS {
+            event.src_identity = ep.identity;
+            event.dst_identity = peer;
+        } else {
+            event.src_identity = peer;
+            event.dst_identity = ep.identity;
+        }
+    }
+    let reason = if reason == DropReason::PolicyDenyRule as u8 {
+        DropReason::PolicyDenyRule
+    } else {
+        DropReason::PolicyDenied
+    };
+    drop(event, key, reason)
+}
+
+/// A later fragment of a datagram whose first fragment was not seen.
+#[inline(never)]
+fn drop_fragment_unknown(ctx: &TcContext, pkt: &Packet, seen: &Seen) -> i32 {
+    let Some(event) = flow_event(pkt, seen.dir, ifindex(ctx), seen.len, seen.now) else {
+        return TC_ACT_SHOT;
+    };
+    event.notes = event_notes::FRAGMENT;
+    let key = conntrack::key(pkt, seen.dir);
+    drop(event, &key.0, DropReason::FragmentUnknown)
 }
 
 /// A packet whose headers could not be parsed: no flow fields, only where and how long.
-/// Inline on purpose: as its own BPF subprogram (plus the memset it calls) it pushed the
-/// combined stack of `from_pod` past 512 bytes on 6.1, whose verifier rounds every frame up
-/// to 32 bytes.
-#[inline(always)]
+/// Out of line: rare, and its frame stays out of the fast path's.
+#[inline(never)]
 fn drop_malformed(ctx: &TcContext, dir: u8, len: u32) -> i32 {
+    let ifindex = ifindex(ctx);
     debug!(
         ctx,
-        "malformed packet of {} bytes on ifindex {}",
-        len,
-        ifindex(ctx)
+        "malformed packet of {} bytes on ifindex {}", len, ifindex
     );
-    let mut event = FlowEvent {
-        // SAFETY: helper without arguments.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        ifindex: ifindex(ctx),
-        packet_len: len,
-        direction: dir,
-        ..FlowEvent::default()
+    let Some(event) = flow_event(&Packet::EMPTY, dir, ifindex, len, clock()) else {
+        return TC_ACT_SHOT;
     };
-    drop(&mut event, dir, len, DropReason::Malformed)
+    event.ip_version = 0;
+    // Malformed floods are limited per interface: the key holds only the ifindex.
+    let mut key = Aligned(CtKey::default());
+    key.0.local_port = (ifindex & 0xffff) as u16;
+    key.0.remote_port = (ifindex >> 16) as u16;
+    key.0.protocol = u8::MAX;
+    drop(event, &key.0, DropReason::Malformed)
 }
 
-/// The event of `pkt` with everything known before the endpoint lookup filled in.
+/// The event of `pkt` with everything known before the endpoint lookup filled in, in this
+/// CPU's scratch slot; `None` never happens (the slot exists), and callers fail closed if
+/// it did.
 #[inline(always)]
-fn flow_event(pkt: &Packet, dir: u8, ifindex: u32, len: u32, now: u64) -> FlowEvent {
-    FlowEvent {
+fn flow_event<'a>(
+    pkt: &Packet,
+    dir: u8,
+    ifindex: u32,
+    len: u32,
+    now: u64,
+) -> Option<&'a mut FlowEvent> {
+    let slot = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, valid for this program run; tc programs do not nest.
+    let event = unsafe { &mut *slot };
+    *event = FlowEvent {
         timestamp_ns: now,
         src_addr: addr_bytes(pkt.src),
         dst_addr: addr_bytes(pkt.dst),
@@ -283,12 +653,21 @@ fn flow_event(pkt: &Packet, dir: u8, ifindex: u32, len: u32, now: u64) -> FlowEv
         endpoint_id: 0,
         ifindex,
         packet_len: len,
+        suppressed: 0,
         protocol: pkt.protocol,
         direction: dir,
         verdict: 0,
         drop_reason: 0,
         ip_version: pkt.ip_version,
         tcp_flags: pkt.tcp_flags,
-        _pad: [0; 2],
-    }
+        notes: if pkt.frag == frag::NONE {
+            0
+        } else {
+            event_notes::FRAGMENT
+        },
+        _pad: 0,
+        remote_node_id: 0,
+        _pad2: 0,
+    };
+    Some(event)
 }

@@ -3,12 +3,13 @@
 //!
 //! Precedence: the agent puts every wildcard deny into each exact-identity entry set, so the
 //! first lookup that hits is authoritative (no deny-beats-allow work here). Verdicts this
-//! datapath cannot honour yet fail closed.
+//! datapath cannot honour yet fail closed, and so does `redirect-l7` while the L7 filter is
+//! not ready (the entry then has no proxy port).
 
 use aya_ebpf::maps::lpm_trie::Key;
 use weft_common::{
-    DropReason, EndpointInfo, POLICY_KEY_BITS, PolicyKey, direction, endpoint_flags, identity,
-    verdict,
+    DropReason, EndpointInfo, POLICY_KEY_BITS, PolicyKey, auth_type, direction, endpoint_flags,
+    identity, verdict,
 };
 
 use crate::maps::{Aligned, POLICY};
@@ -24,6 +25,8 @@ pub struct Decision {
     pub reason: DropReason,
     /// The `verdict` recorded in the conntrack entry.
     pub verdict: u8,
+    /// `redirect-l7` with the filter ready: its port (host order); 0 otherwise.
+    pub proxy_port: u16,
 }
 
 impl Decision {
@@ -32,15 +35,28 @@ impl Decision {
         audit: false,
         reason: DropReason::None,
         verdict: verdict::ALLOW,
+        proxy_port: 0,
     };
 
     #[inline(always)]
-    const fn drop(reason: DropReason) -> Self {
+    const fn redirect(proxy_port: u16) -> Self {
+        Self {
+            pass: true,
+            audit: false,
+            reason: DropReason::None,
+            verdict: verdict::REDIRECT_L7,
+            proxy_port,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn drop(reason: DropReason) -> Self {
         Self {
             pass: false,
             audit: false,
             reason,
             verdict: verdict::DENY,
+            proxy_port: 0,
         }
     }
 
@@ -51,6 +67,7 @@ impl Decision {
             audit: true,
             reason,
             verdict: verdict::AUDIT_DENY,
+            proxy_port: 0,
         }
     }
 }
@@ -91,13 +108,20 @@ pub fn decide(ep: &EndpointInfo, peer: u32, dir: u8, protocol: u8, port: u16) ->
     match hit {
         None if ep.flags & audit_default != 0 => Decision::audit(DropReason::PolicyDenied),
         None => Decision::drop(DropReason::PolicyDenied),
+        // Not implemented yet: fail closed rather than skip the authentication.
+        Some(entry) if entry.auth_type != auth_type::NONE && entry.verdict != verdict::DENY => {
+            Decision::drop(DropReason::AuthRequired)
+        }
         Some(entry) => match entry.verdict {
             verdict::ALLOW => Decision::ALLOW,
             verdict::DENY => Decision::drop(DropReason::PolicyDenyRule),
             verdict::AUDIT_DENY => Decision::audit(DropReason::PolicyDenyRule),
-            // Not implemented yet: fail closed rather than skip the L7 filter or the
-            // authentication.
+            verdict::DEFAULT_DENY => Decision::drop(DropReason::PolicyDenied),
+            // Through the L7 filter; the agent writes its port only while it is ready, so
+            // without one the flow fails closed.
+            verdict::REDIRECT_L7 if entry.proxy_port != 0 => Decision::redirect(entry.proxy_port),
             verdict::REDIRECT_L7 => Decision::drop(DropReason::L7Unavailable),
+            // Not implemented yet: fail closed rather than skip the authentication.
             verdict::REQUIRE_AUTH => Decision::drop(DropReason::AuthRequired),
             // An entry from a newer agent that this datapath does not know: fail closed.
             _ => Decision::drop(DropReason::PolicyDenied),

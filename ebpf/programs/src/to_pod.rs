@@ -10,12 +10,5 @@ use crate::pipeline;
 /// Direction: INGRESS of the endpoint; the local side is the packet's destination.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    match try_to_pod(&ctx) {
-        Ok(action) | Err(action) => action,
-    }
-}
-
-#[inline(always)]
-fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
-    pipeline::process(ctx, direction::INGRESS)
+    pipeline::process(&ctx, direction::INGRESS)
 }

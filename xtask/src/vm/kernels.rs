@@ -2,7 +2,10 @@
 //! `apt-get download`, and unpack kernel and modules into a cache under `target/vm/kernels`.
 //!
 //! A cached kernel is used without asking apt anything, so a second run needs no network.
-//! `--refresh` asks apt for the newest package again.
+//! `--refresh` asks apt for the newest package again. Kernels of another Debian release than
+//! the host's (5.10 from bullseye) come through a private apt configuration under the cache
+//! (its own sources, lists and package cache, on the host's Debian mirror), so the host's apt
+//! sources are never changed.
 
 use std::fs;
 use std::io::Write as _;
@@ -22,13 +25,26 @@ pub struct Series {
     pub label: &'static str,
     prefix: &'static str,
     suffix: &'static str,
+    /// The Debian release to fetch from when it is not the host's (bookworm's suites are in
+    /// the default sources).
+    release: Option<&'static str>,
 }
+
+/// Debian bullseye's 5.10 LTS kernel (bullseye main and bullseye-security), e.g.
+/// linux-image-5.10.0-46-amd64-unsigned.
+pub const LINUX_5_10: Series = Series {
+    label: "5.10",
+    prefix: "linux-image-5.10.0-",
+    suffix: "-amd64-unsigned",
+    release: Some("bullseye"),
+};
 
 /// Debian bookworm's 6.1 LTS kernel (bookworm-security), e.g. linux-image-6.1.0-56-amd64-unsigned.
 pub const LINUX_6_1: Series = Series {
     label: "6.1",
     prefix: "linux-image-6.1.0-",
     suffix: "-amd64-unsigned",
+    release: None,
 };
 
 /// Debian's 6.12 kernel built for bookworm, e.g. linux-image-6.12.117+deb12-amd64-unsigned.
@@ -36,6 +52,7 @@ pub const LINUX_6_12: Series = Series {
     label: "6.12",
     prefix: "linux-image-6.12.",
     suffix: "+deb12-amd64-unsigned",
+    release: None,
 };
 
 impl Series {
@@ -77,9 +94,13 @@ pub fn ensure(series: Series, cache: &Path, refresh: bool) -> anyhow::Result<Ker
         eprintln!("vm-test: using cached {package}");
         return open(&cache.join(package));
     }
-    let package = newest_in_apt(series)?;
+    let apt = match series.release {
+        None => Apt::Host,
+        Some(release) => Apt::private(release, cache)?,
+    };
+    let package = newest_in_apt(series, &apt)?;
     if !cached.contains(&package) {
-        fetch(&package, cache).with_context(|| format!("fetching {package}"))?;
+        fetch(&package, cache, &apt).with_context(|| format!("fetching {package}"))?;
     }
     open(&cache.join(&package))
 }
@@ -98,33 +119,123 @@ fn cached_packages(cache: &Path) -> anyhow::Result<Vec<String>> {
     Ok(packages)
 }
 
-fn newest_in_apt(series: Series) -> anyhow::Result<String> {
-    let list = || cmd::output(Command::new("apt-cache").args(["pkgnames", series.prefix]));
-    if let Some(p) = series.newest(list()?.lines()) {
+/// Which apt configuration finds a series' packages.
+enum Apt {
+    /// The host's own sources.
+    Host,
+    /// Sources for another Debian release, with their own lists and cache: `-o` options.
+    Private(Vec<String>),
+}
+
+impl Apt {
+    /// An apt configuration under `cache` for `release` and `release`-security, main only,
+    /// on the mirrors the host's sources use.
+    fn private(release: &str, cache: &Path) -> anyhow::Result<Self> {
+        let dir = cache.join(format!(".apt-{release}"));
+        for sub in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        let (main, security) = host_mirrors();
+        let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+        let sources = dir.join("sources.list");
+        fs::write(
+            &sources,
+            format!(
+                "deb [signed-by={keyring}] {main} {release} main\n\
+                 deb [signed-by={keyring}] {security} {release}-security main\n"
+            ),
+        )
+        .with_context(|| format!("writing {}", sources.display()))?;
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let options = [
+            ("Dir::Etc::SourceList", path(sources)),
+            ("Dir::Etc::SourceParts", path(dir.join("sources.list.d"))),
+            ("Dir::State::Lists", path(dir.join("lists"))),
+            ("Dir::Cache", path(dir.join("cache"))),
+            // No installed packages: this configuration only lists and downloads.
+            ("Dir::State::status", "/dev/null".to_string()),
+            ("APT::Sandbox::User", "root".to_string()),
+        ];
+        Ok(Apt::Private(
+            options
+                .into_iter()
+                .flat_map(|(k, v)| ["-o".to_string(), format!("{k}={v}")])
+                .collect(),
+        ))
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        if let Apt::Private(options) = self {
+            c.args(options);
+        }
+        c
+    }
+}
+
+/// The host's Debian mirror and security mirror (from its apt sources), or Debian's own.
+fn host_mirrors() -> (String, String) {
+    let mut main = "http://deb.debian.org/debian".to_string();
+    let mut security = "http://deb.debian.org/debian-security".to_string();
+    let Ok(targets) = cmd::output(Command::new("apt-get").args([
+        "indextargets",
+        "--format",
+        "$(REPO_URI) $(RELEASE) $(COMPONENT)",
+    ])) else {
+        return (main, security);
+    };
+    for line in targets.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(uri), Some(release), Some("main")) = (words.next(), words.next(), words.next())
+        else {
+            continue;
+        };
+        if !uri.starts_with("http") {
+            continue;
+        }
+        let uri = uri.trim_end_matches('/').to_string();
+        if release.ends_with("-security") {
+            security = uri;
+        } else if !release.contains('-') {
+            main = uri;
+        }
+    }
+    (main, security)
+}
+
+fn newest_in_apt(series: Series, apt: &Apt) -> anyhow::Result<String> {
+    let list = || cmd::output(apt.command("apt-cache").args(["pkgnames", series.prefix]));
+    if matches!(apt, Apt::Host)
+        && let Some(p) = series.newest(list()?.lines())
+    {
         return Ok(p.to_string());
     }
-    // No package lists yet (a fresh machine): fetch them once and look again.
-    cmd::run(Command::new("apt-get").args(["update", "-q"]))?;
+    // No package lists yet (a fresh machine), or a private configuration (always fetched
+    // anew: it is only asked when nothing is cached or on --refresh): update, look again.
+    cmd::run(apt.command("apt-get").args(["update", "-q"]))?;
     let names = list()?;
     series
         .newest(names.lines())
         .map(str::to_string)
         .with_context(|| {
             format!(
-                "apt knows no {}*{} package; Debian bookworm's security suite carries them",
-                series.prefix, series.suffix
+                "apt knows no {}*{} package; Debian {}'s security suite carries them",
+                series.prefix,
+                series.suffix,
+                series.release.unwrap_or("bookworm")
             )
         })
 }
 
 /// Download `package`, unpack it, index its modules and extract an ELF vmlinux; the entry
 /// appears under its final name only when all of that worked.
-fn fetch(package: &str, cache: &Path) -> anyhow::Result<()> {
+fn fetch(package: &str, cache: &Path, apt: &Apt) -> anyhow::Result<()> {
     let debs = cache.join(".debs");
     fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
     eprintln!("vm-test: downloading {package}");
     cmd::run(
-        Command::new("apt-get")
+        apt.command("apt-get")
             .args(["download", "-q", "-o", "APT::Sandbox::User=root", package])
             .current_dir(&debs),
     )?;
@@ -143,9 +254,9 @@ fn fetch(package: &str, cache: &Path) -> anyhow::Result<()> {
     let release = module_release(&partial)?;
     // Debian's packages leave modules.dep to their postinst; modprobe in the guest needs it.
     cmd::run(Command::new("depmod").arg("-b").arg(&partial).arg(&release))?;
-    let vmlinuz = partial.join("boot").join(format!("vmlinuz-{release}"));
+    let compressed = partial.join("boot").join(format!("vmlinuz-{release}"));
     let vmlinux = partial.join("boot/vmlinux");
-    match extract_vmlinux(&vmlinuz, &vmlinux) {
+    match extract_vmlinux(&compressed, &vmlinux) {
         Ok(()) => {}
         // Optional: it saves about a second per boot, a bzImage boots as well.
         Err(e) => eprintln!("vm-test: booting the compressed image ({e:#})"),
@@ -267,6 +378,16 @@ mod tests {
             Some("linux-image-6.12.117+deb12-amd64-unsigned")
         );
         assert_eq!(LINUX_6_1.newest(["linux-image-amd64"]), None);
+        let bullseye = [
+            "linux-image-5.10.0-9-amd64-unsigned",
+            "linux-image-5.10.0-46-amd64-unsigned",
+            "linux-image-5.10.0-46-cloud-amd64-unsigned",
+            "linux-image-5.10.0-46-rt-amd64-unsigned",
+        ];
+        assert_eq!(
+            LINUX_5_10.newest(bullseye),
+            Some("linux-image-5.10.0-46-amd64-unsigned")
+        );
     }
 
     #[test]

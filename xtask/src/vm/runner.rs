@@ -2,17 +2,15 @@
 //! terminal and into a log file while it is read for libtest's progress, under a deadline
 //! after which the command and every process below it (qemu included) are killed.
 
-use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use weft_tests::process;
 
 /// The line the guest script prints once the kernel has booted and the script starts.
 pub const READY_MARKER: &str = "weft-vm: ready";
@@ -113,18 +111,22 @@ pub struct Outcome {
     pub leftovers_killed: usize,
 }
 
-/// Run `command` until it exits or `timeout` passes, teeing its output to the terminal and
-/// `log`. Whatever it started is killed before this returns.
-pub fn run(mut command: Command, log: &Path, timeout: Duration) -> anyhow::Result<Outcome> {
+/// Run `command` until it exits or `timeout` passes, teeing its output to the terminal (when
+/// `echo`) and `log`. Whatever it started is killed before this returns.
+pub fn run(
+    mut command: Command,
+    log: &Path,
+    timeout: Duration,
+    echo: bool,
+) -> anyhow::Result<Outcome> {
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     command
         .stdin(Stdio::null())
         .stdout(writer.try_clone()?)
         .stderr(writer);
     let started = Instant::now();
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("starting {:?}", command.get_program()))?;
+    let mut child = process::spawn_in_group(&mut command)
+        .with_context(|| format!("starting {}", command.get_program().display()))?;
     // Our copies of the write end must go, or the reader never sees the end of the output.
     drop(command);
 
@@ -139,8 +141,10 @@ pub fn run(mut command: Command, log: &Path, timeout: Duration) -> anyhow::Resul
             if n == 0 {
                 break;
             }
-            let _ = stdout.write_all(&buf[..n]);
-            let _ = stdout.flush();
+            if echo {
+                let _ = stdout.write_all(&buf[..n]);
+                let _ = stdout.flush();
+            }
             let _ = log_file.write_all(&buf[..n]);
             let text = String::from_utf8_lossy(&buf[..n]);
             if let Ok(mut p) = tee_progress.lock() {
@@ -149,10 +153,11 @@ pub fn run(mut command: Command, log: &Path, timeout: Duration) -> anyhow::Resul
         }
     });
 
-    let status = wait_until(&mut child, started + timeout)?;
+    let status =
+        process::wait_until(&mut child, started + timeout).context("waiting for the VM")?;
     // On success nothing should remain; after a timeout the VM is still up. Either way,
     // nothing started by this row survives it.
-    let leftovers_killed = kill_tree(child.id());
+    let leftovers_killed = process::kill_tree(child.id());
     let _ = child.wait();
     // qemu holds the pipe's write end; with it gone the tee thread ends.
     let _ = tee.join();
@@ -165,92 +170,10 @@ pub fn run(mut command: Command, log: &Path, timeout: Duration) -> anyhow::Resul
     })
 }
 
-fn wait_until(child: &mut Child, deadline: Instant) -> anyhow::Result<Option<ExitStatus>> {
-    loop {
-        if let Some(status) = child.try_wait().context("waiting for the VM")? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Kill `root` and all its descendants (TERM, then KILL for what is left); returns how many
-/// processes other than `root` were still there.
-fn kill_tree(root: u32) -> usize {
-    let mut victims = descendants(root);
-    let below = victims.len();
-    victims.push(root);
-    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
-        let alive: Vec<u32> = victims
-            .iter()
-            .copied()
-            .filter(|pid| process_alive(*pid))
-            .collect();
-        if alive.is_empty() {
-            break;
-        }
-        for pid in &alive {
-            let _ = kill(Pid::from_raw(*pid as i32), signal);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && alive.iter().any(|p| process_alive(*p)) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    below
-}
-
-/// Whether `pid` exists and is not a zombie.
-fn process_alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat_fields(&stat).map(|(state, _)| state != 'Z'))
-        .unwrap_or(false)
-}
-
-/// Every process below `root`, children before grandchildren.
-fn descendants(root: u32) -> Vec<u32> {
-    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    if let Ok(entries) = fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            if let Some((state, ppid)) = stat_fields(&stat)
-                && state != 'Z'
-            {
-                children.entry(ppid).or_default().push(pid);
-            }
-        }
-    }
-    let mut found = Vec::new();
-    let mut queue = vec![root];
-    while let Some(pid) = queue.pop() {
-        for child in children.get(&pid).into_iter().flatten() {
-            found.push(*child);
-            queue.push(*child);
-        }
-    }
-    found
-}
-
-/// State and parent pid from `/proc/<pid>/stat` (the command name may contain spaces).
-fn stat_fields(stat: &str) -> Option<(char, u32)> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after_name.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some((state, ppid))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn feed_all(chunks: &[&str]) -> Progress {
@@ -297,14 +220,6 @@ mod tests {
     }
 
     #[test]
-    fn stat_parsing_survives_spaces_in_the_name() {
-        assert_eq!(
-            stat_fields("42 (qemu system x86) S 7 42 42 0"),
-            Some(('S', 7))
-        );
-    }
-
-    #[test]
     fn a_timed_out_command_and_its_children_are_killed() {
         let dir = std::env::temp_dir().join(format!("xtask-runner-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
@@ -321,7 +236,7 @@ mod tests {
             "-c",
             &format!("echo started; sleep {tag} & sleep {tag}; echo unreachable"),
         ]);
-        let outcome = run(command, &log, Duration::from_millis(500)).unwrap();
+        let outcome = run(command, &log, Duration::from_millis(500), true).unwrap();
         assert!(outcome.status.is_none(), "must be reported as timed out");
         assert_eq!(outcome.leftovers_killed, 2, "both sleeps were below sh");
         assert_eq!(fs::read_to_string(&log).unwrap(), "started\n");

@@ -32,6 +32,7 @@ const OBJ: &str = "policies/api.yaml: WeftNetworkPolicy shop/api-ingress: ";
 
 /// Each row: the spec body, and the start of the expected message after `file: object: `.
 #[test]
+#[expect(clippy::too_many_lines, reason = "a table: one row per rejected input")]
 fn validation_errors_name_file_object_and_field() {
     let rows: &[(&str, &str)] = &[
         (
@@ -39,8 +40,32 @@ fn validation_errors_name_file_object_and_field() {
             "spec.ingress[0].toPorts[0].ports[1].port: \"99999\" is not a port (1-65535)",
         ),
         (
-            "  ingress:\n  - toPorts: [{ports: [{port: http}]}]\n",
-            "spec.ingress[0].toPorts[0].ports[0].port: \"http\" is not a port number (hint: named ports",
+            "  ingress:\n  - toPorts: [{ports: [{port: HTTP}]}]\n",
+            "spec.ingress[0].toPorts[0].ports[0].port: \"HTTP\" is neither a port number nor a port name (hint: a port name (IANA_SVC_NAME)",
+        ),
+        (
+            "  ingress:\n  - toPorts: [{ports: [{port: http, endPort: 90}]}]\n",
+            "spec.ingress[0].toPorts[0].ports[0].endPort: endPort needs a numbered port",
+        ),
+        (
+            "  egress:\n  - toPorts: [{ports: [{port: dns, protocol: ICMP}]}]\n",
+            "spec.egress[0].toPorts[0].ports[0].port: ICMP has no ports, got \"dns\"",
+        ),
+        (
+            "  ingress:\n  - icmps: [{fields: [{type: EchoRequests}]}]\n",
+            "spec.ingress[0].icmps[0].fields[0].type: \"EchoRequests\" is not an IPv4 ICMP type name (hint: write a type number 0-255 or one of the IPv4 names: EchoReply, DestinationUnreachable,",
+        ),
+        (
+            "  ingress:\n  - icmps: [{fields: [{type: PacketTooBig}]}]\n",
+            "spec.ingress[0].icmps[0].fields[0].type: \"PacketTooBig\" is not an IPv4 ICMP type name",
+        ),
+        (
+            "  ingress:\n  - icmps: [{fields: [{type: Redirect, family: IPv6}]}]\n",
+            "spec.ingress[0].icmps[0].fields[0].type: \"Redirect\" is not an IPv6 ICMP type name (hint: write a type number 0-255 or one of the IPv6 names: DestinationUnreachable, PacketTooBig,",
+        ),
+        (
+            "  ingress:\n  - icmps: [{fields: [{type: \"256\"}]}]\n",
+            "spec.ingress[0].icmps[0].fields[0].type: 256 is not an ICMP type (0-255)",
         ),
         (
             "  ingress:\n  - toPorts: [{ports: [{port: \"9000\", endPort: 8000}]}]\n",
@@ -238,8 +263,11 @@ spec: {addresses: [192.0.2.1], podCIDRs: [10.1.0.0/24], wireguardPublicKey: abc}
     };
     assert_eq!(p.id.to_string(), "WeftNetworkPolicy default/p");
     assert_eq!(p.enforcement, Enforcement::Enforce);
+    let WrittenSpec::Weft(spec) = &p.spec else {
+        panic!("a weft spec")
+    };
     assert_eq!(
-        p.spec.ingress.as_ref().expect("ingress")[0].to_ports[0].ports[0].protocol,
+        spec.ingress.as_ref().expect("ingress")[0].to_ports[0].ports[0].protocol,
         crate::model::Protocol::ANY
     );
     let Object::Endpoint(ep) = &objs[1] else {
@@ -296,7 +324,7 @@ spec:
         L4::Ports(vec![L4Match {
             protocol: IPPROTO_TCP,
             port: PortPrefix::exact(8080),
-            l7: true
+            l7: Some(0)
         }])
     );
     let egress = p.rules(Section::Egress).expect("egress");
@@ -335,7 +363,7 @@ fn ranges_icmps_and_implicit_ports() {
         L4::Ports(vec![L4Match {
             protocol: IPPROTO_TCP,
             port: PortPrefix::new(8080, 14),
-            l7: false
+            l7: None
         }])
     );
     assert_eq!(
@@ -344,12 +372,12 @@ fn ranges_icmps_and_implicit_ports() {
             L4Match {
                 protocol: IPPROTO_ICMP,
                 port: PortPrefix::icmp_type(8),
-                l7: false
+                l7: None
             },
             L4Match {
                 protocol: IPPROTO_ICMPV6,
                 port: PortPrefix::icmp_type(128),
-                l7: false
+                l7: None
             },
         ])
     );
@@ -370,7 +398,7 @@ fn http_rules_on_any_protocol_apply_to_tcp_only() {
         L4::Ports(vec![L4Match {
             protocol: IPPROTO_TCP,
             port: PortPrefix::exact(80),
-            l7: true
+            l7: Some(0)
         }])
     );
 }
@@ -411,5 +439,67 @@ fn crds_generate() {
     assert!(
         crds[1].1.contains("endpointSelector"),
         "clusterwide spec is the shared spec"
+    );
+}
+
+#[test]
+fn endpoint_ports_as_a_pod_has_them() {
+    let yaml = "apiVersion: weft.io/v1alpha1
+kind: Endpoint
+metadata: {name: api-0, namespace: shop}
+spec:
+  ports:
+  - {name: http, containerPort: 8080}
+  - {name: dns, port: 53, protocol: UDP}
+  - {containerPort: 9000, protocol: SCTP}
+";
+    let objs = parse_documents(FILE, yaml).expect("valid endpoint");
+    let Object::Endpoint(ep) = &objs[0] else {
+        panic!("an endpoint")
+    };
+    let named = ep.named_ports();
+    assert_eq!(named.len(), 2, "the unnamed port is not a named port");
+    let http: Vec<_> = named["http"].iter().copied().collect();
+    assert_eq!(
+        http,
+        vec![crate::ports::ProtoPort {
+            protocol: IPPROTO_TCP,
+            port: 8080
+        }],
+        "TCP when no protocol is given"
+    );
+    assert_eq!(
+        named["dns"].iter().next().map(|p| p.protocol),
+        Some(IPPROTO_UDP)
+    );
+}
+
+#[test]
+fn named_ports_in_weft_rules_are_kept_by_name() {
+    let p = one_policy(&wnp(
+        "  ingress:\n  - toPorts: [{ports: [{port: http}, {port: \"80\", protocol: TCP}]}]\n",
+    ));
+    let rule = &p.rules(Section::Ingress).expect("ingress")[0];
+    assert_eq!(
+        rule.l4,
+        L4::Ports(vec![L4Match {
+            protocol: IPPROTO_TCP,
+            port: PortPrefix::exact(80),
+            l7: None
+        }])
+    );
+    let names: Vec<(&str, u8)> = rule
+        .named_ports
+        .iter()
+        .map(|m| (m.name.as_str(), m.protocol))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("http", IPPROTO_TCP),
+            ("http", IPPROTO_UDP),
+            ("http", IPPROTO_SCTP)
+        ],
+        "no protocol: any protocol the container port has"
     );
 }

@@ -53,6 +53,7 @@ impl Cluster {
                     name: (*name).to_string(),
                     identity,
                     labels,
+                    ports: NamedPorts::new(),
                 });
             }
         }
@@ -65,6 +66,7 @@ impl Cluster {
             endpoints: &endpoints,
             identities: ids.pod_identities(),
             cidr_identities: cidr_ids.prefixes(),
+            named_ports: &BTreeMap::new(),
             options,
         });
         Cluster {
@@ -226,6 +228,7 @@ fn entities() {
             ),
             ResolveOptions {
                 allow_host_ingress: false,
+                ..ResolveOptions::default()
             },
         );
         let candidates = [
@@ -421,8 +424,11 @@ fn audit_only_reports_and_never_drops() {
     }
 }
 
+/// cilium#9580: a tightening policy in audit mode on top of enforced ones reports what it
+/// would change (would-be drops and would-be allows) while the enforced verdict stands.
 #[test]
-fn enforcing_policy_makes_audit_policies_irrelevant() {
+fn audit_policies_report_next_to_enforcement() {
+    use crate::mapstate::AuditChange;
     let c = Cluster::new(&format!(
         "{}{}",
         wnp(
@@ -436,31 +442,141 @@ fn enforcing_policy_makes_audit_policies_irrelevant() {
   - fromEndpoints: [{matchLabels: {app: db}}]
   ingressDeny:
   - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: \"22\", protocol: TCP}]}]
 ",
         ),
     ));
     assert_eq!(c.state.endpoints[&API].ingress, Isolation::Enforced);
+    let fe = c.pod("shop/frontend");
+    let db = c.pod("shop/db");
+    let d = c.decide(API, Direction::Ingress, db, IPPROTO_TCP, 80);
     assert!(
-        !c.ingress_ok(API, c.pod("shop/db"), IPPROTO_TCP, 80),
+        d.drops(),
         "an audit allow does not open an enforced direction"
     );
+    assert_eq!(d.enforced_verdict(), Verdict::DefaultDeny);
+    assert_eq!(d.audit_change(), Some(AuditChange::WouldAllow));
+    let d = c.decide(API, Direction::Ingress, fe, IPPROTO_TCP, 22);
     assert_eq!(
-        c.verdict(
-            API,
-            Direction::Ingress,
-            c.pod("shop/frontend"),
-            IPPROTO_TCP,
-            80
-        ),
-        Some(Verdict::Allow),
-        "an audit deny does not touch an enforced direction"
+        d.enforced_verdict(),
+        Verdict::Allow,
+        "an audit deny does not drop"
     );
+    assert_eq!(d.audit_verdict(), Some(Verdict::Deny));
+    assert_eq!(d.audit_change(), Some(AuditChange::WouldDeny));
+    match d {
+        Decision::Entry(_, e) => {
+            assert_eq!(
+                e.derived_from.iter().collect::<Vec<_>>(),
+                vec!["WeftNetworkPolicy shop/enforced ingress[0]"]
+            );
+            assert_eq!(
+                e.audit
+                    .as_ref()
+                    .expect("audit")
+                    .derived_from
+                    .iter()
+                    .collect::<Vec<_>>(),
+                vec!["WeftNetworkPolicy shop/dry-run ingressDeny[0]"]
+            );
+        }
+        other => panic!("expected an entry, got {other:?}"),
+    }
+    let d = c.decide(API, Direction::Ingress, fe, IPPROTO_TCP, 80);
+    assert_eq!((d.drops(), d.audit_change()), (false, None), "both allow");
+    let d = c.decide(API, Direction::Ingress, WORLD_ID, IPPROTO_TCP, 80);
+    assert_eq!((d.drops(), d.audit_change()), (true, None), "both deny");
     assert!(
         c.state
             .entries
             .values()
-            .all(|e| e.derived_from.iter().all(|r| !r.contains("dry-run")))
+            .all(|e| e.derived_from.iter().all(|r| !r.contains("dry-run"))),
+        "enforced verdicts never come from the audit policy"
     );
+}
+
+#[test]
+fn enforcement_mode_always_isolates_every_endpoint() {
+    use crate::identity::HOST;
+    let options = ResolveOptions {
+        enforcement_mode: EnforcementMode::Always,
+        ..ResolveOptions::default()
+    };
+    let c = Cluster::with_options("", options);
+    for ep in [API, FRONTEND, OTHER_FRONTEND] {
+        assert_eq!(c.state.endpoints[&ep].ingress, Isolation::Enforced);
+        assert_eq!(c.state.endpoints[&ep].egress, Isolation::Enforced);
+        assert!(!c.ingress_ok(ep, WORLD_ID, IPPROTO_TCP, 80));
+        assert!(!c.egress_ok(ep, WORLD_ID, IPPROTO_UDP, 53));
+        assert!(
+            c.ingress_ok(ep, HOST, IPPROTO_TCP, 80),
+            "allow-localhost, as Cilium"
+        );
+    }
+    assert!(c.state.isolated_by[&(API, Direction::Egress)].mode_always);
+    let c = Cluster::with_options(
+        &wnp(
+            "p",
+            "  egress:\n  - toEndpoints: [{matchLabels: {app: db}}]\n",
+        ),
+        options,
+    );
+    assert!(c.egress_ok(API, c.pod("shop/db"), IPPROTO_TCP, 5432));
+    assert!(!c.egress_ok(FRONTEND, c.pod("shop/db"), IPPROTO_TCP, 5432));
+    let no_host = Cluster::with_options(
+        "",
+        ResolveOptions {
+            allow_host_ingress: false,
+            ..options
+        },
+    );
+    assert!(!no_host.ingress_ok(API, HOST, IPPROTO_TCP, 80));
+}
+
+#[test]
+fn enforcement_mode_never_enforces_nothing() {
+    let c = Cluster::with_options(
+        &format!(
+            "{}{}",
+            wnp("p", "  ingress: []\n  egress: []\n"),
+            wcnp(
+                "d",
+                "  endpointSelector: {}\n  ingressDeny: [{fromEntities: [all]}]\n"
+            ),
+        ),
+        ResolveOptions {
+            enforcement_mode: EnforcementMode::Never,
+            ..ResolveOptions::default()
+        },
+    );
+    assert!(c.state.entries.is_empty());
+    assert_eq!(c.state.endpoints[&API], EndpointPolicy::default());
+    assert!(
+        c.ingress_ok(API, WORLD_ID, IPPROTO_TCP, 22),
+        "deny rules are off too"
+    );
+    assert!("never".parse::<EnforcementMode>() == Ok(EnforcementMode::Never));
+    assert!("sometimes".parse::<EnforcementMode>().is_err());
+    assert_eq!(EnforcementMode::Always.to_string(), "always");
+}
+
+#[test]
+fn icmp_types_by_name() {
+    let c = Cluster::new(&wnp(
+        "p",
+        "  ingress:
+  - icmps:
+    - fields: [{type: EchoRequest}, {type: \"13\"}, {type: EchoRequest, family: IPv6}, {type: PacketTooBig, family: IPv6}]
+",
+    ));
+    let fe = c.pod("shop/frontend");
+    assert!(c.ingress_ok(API, fe, IPPROTO_ICMP, 8 << 8));
+    assert!(c.ingress_ok(API, fe, IPPROTO_ICMP, 13 << 8));
+    assert!(!c.ingress_ok(API, fe, IPPROTO_ICMP, 0));
+    let icmpv6 = crate::ports::IPPROTO_ICMPV6;
+    assert!(c.ingress_ok(API, fe, icmpv6, 128 << 8));
+    assert!(c.ingress_ok(API, fe, icmpv6, 2 << 8));
+    assert!(!c.ingress_ok(API, fe, icmpv6, 8 << 8));
 }
 
 #[test]
@@ -552,6 +668,7 @@ fn the_node_reaches_its_own_pods_unless_denied() {
         &wnp("p", "  ingress: []\n"),
         ResolveOptions {
             allow_host_ingress: false,
+            ..ResolveOptions::default()
         },
     );
     assert!(!off.ingress_ok(API, HOST, IPPROTO_TCP, 8080));

@@ -1,17 +1,18 @@
 //! Properties of resolution, checked by simulating the datapath over the resolved state:
 //! the LPM lookup on the exact identity, then on identity 0, then the direction's default.
 //!
-//! The reference is the policy language's meaning, evaluated directly on the rules: in an
-//! enforced direction a packet is dropped if any deny rule of an enforcing policy matches it,
-//! else passed if any allow rule of an enforcing policy matches, else dropped; in an audit
-//! direction nothing is dropped and the same test says what is reported as would-be denied.
+//! The reference is the policy language's meaning, evaluated directly on the rules, once for
+//! the enforcing policies (the enforced verdict) and once for all of them (the audit verdict):
+//! with no policy of the set the packet passes; else it is dropped if any deny rule of the set
+//! matches it, else passed if any allow rule matches, else dropped.
 
 use proptest::prelude::*;
 
 use super::*;
+use crate::explain::{Peer, explain};
 use crate::identity::{HOST, REMOTE_NODE, WORLD};
 use crate::model::{
-    Entity, IcmpField, IcmpRule, IngressDenyRule, IngressRule, LabelSelector,
+    Entity, IcmpFamily, IcmpField, IcmpRule, IngressDenyRule, IngressRule, LabelSelector,
     LabelSelectorRequirement, PolicySpec, PortDenyRule, PortProtocol, PortRule, Protocol,
     SelectorOperator, WeftClusterwideNetworkPolicy,
 };
@@ -142,8 +143,8 @@ fn ports_wire(l4: &L4Gen) -> (Vec<PortProtocol>, Vec<IcmpRule>) {
             vec![],
             vec![IcmpRule {
                 fields: vec![IcmpField {
-                    type_: i64::from(*t),
-                    family: Default::default(),
+                    type_: (*t).into(),
+                    family: IcmpFamily::default(),
                 }],
             }],
         ),
@@ -226,14 +227,17 @@ fn build(policies: &[PolicyGen], host: bool) -> World {
         name: "p0".into(),
         identity: pod_ids[0],
         labels: pod_labels(0),
+        ports: NamedPorts::new(),
     }];
     let state = resolve(&ResolveInput {
         repository: &repo,
         endpoints: &endpoints,
         identities: ids.pod_identities(),
         cidr_identities: &BTreeMap::new(),
+        named_ports: &BTreeMap::new(),
         options: ResolveOptions {
             allow_host_ingress: host,
+            ..ResolveOptions::default()
         },
     });
     World { state, pod_ids }
@@ -269,45 +273,53 @@ fn l4_matches(l4: &L4Gen, proto: u8, port: u16) -> bool {
     }
 }
 
+/// What happens to a packet: dropped by the enforced verdict, and by the audit verdict
+/// (what all policies, audit ones included, would decide if enforced).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
-    Pass,
-    /// Passed, but reported as would-be denied (audit).
-    Flagged,
-    Drop,
+struct Outcome {
+    drop: bool,
+    audit_drop: bool,
 }
 
-fn reference(policies: &[PolicyGen], host: bool, pod_ids: &[u32], q: Query) -> Outcome {
-    let enforced = policies.iter().any(|p| !p.audit);
-    let active: Vec<&PolicyGen> = policies.iter().filter(|p| !enforced || !p.audit).collect();
-    if active.is_empty() {
-        return Outcome::Pass;
+/// Whether `set` drops the packet (`None`: the set is empty and isolates nothing).
+fn set_drops(set: &[&PolicyGen], host: bool, pod_ids: &[u32], q: Query) -> bool {
+    if set.is_empty() {
+        return false;
     }
     let hit =
         |r: &RuleGen| peer_matches(&r.peer, q.id, pod_ids) && l4_matches(&r.l4, q.proto, q.port);
-    let denied = active.iter().any(|p| p.denies.iter().any(hit));
-    let allowed = active.iter().any(|p| p.allows.iter().any(hit)) || (host && q.id == HOST);
-    match (denied || !allowed, enforced) {
-        (false, _) => Outcome::Pass,
-        (true, true) => Outcome::Drop,
-        (true, false) => Outcome::Flagged,
+    let denied = set.iter().any(|p| p.denies.iter().any(hit));
+    let allowed = set.iter().any(|p| p.allows.iter().any(hit)) || (host && q.id == HOST);
+    denied || !allowed
+}
+
+fn reference(policies: &[PolicyGen], host: bool, pod_ids: &[u32], q: Query) -> Outcome {
+    let enforcing: Vec<&PolicyGen> = policies.iter().filter(|p| !p.audit).collect();
+    let all: Vec<&PolicyGen> = policies.iter().collect();
+    Outcome {
+        drop: set_drops(&enforcing, host, pod_ids, q),
+        audit_drop: set_drops(&all, host, pod_ids, q),
     }
 }
 
 fn simulate(w: &World, q: Query) -> Outcome {
-    match w
+    let d = w
         .state
-        .decide(EP, Direction::Ingress, q.id, q.proto, q.port)
-    {
-        Decision::Open => Outcome::Pass,
-        Decision::Entry(_, e) => match e.verdict {
-            Verdict::Deny => Outcome::Drop,
-            Verdict::AuditDeny => Outcome::Flagged,
-            _ => Outcome::Pass,
-        },
-        Decision::Default(Isolation::Enforced) => Outcome::Drop,
-        Decision::Default(_) => Outcome::Flagged,
+        .decide(EP, Direction::Ingress, q.id, q.proto, q.port);
+    Outcome {
+        drop: d.drops(),
+        audit_drop: d.audit_drops(),
     }
+}
+
+fn verdicts(w: &World, q: Query) -> (Verdict, Verdict) {
+    let d = w
+        .state
+        .decide(EP, Direction::Ingress, q.id, q.proto, q.port);
+    (
+        d.enforced_verdict(),
+        d.audit_verdict().unwrap_or_else(|| d.enforced_verdict()),
+    )
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -352,25 +364,52 @@ proptest! {
         host in any::<bool>(),
     ) {
         let w = build(&policies, host);
+        let me = Peer::Local { endpoint_id: EP, identity: w.pod_ids[0] };
         for q in queries(&w.pod_ids) {
-            prop_assert_eq!(
-                simulate(&w, q),
-                reference(&policies, host, &w.pod_ids, q),
-                "query {:?}", q
-            );
+            let got = simulate(&w, q);
+            prop_assert_eq!(got, reference(&policies, host, &w.pod_ids, q), "query {:?}", q);
+            // `explain` reads the same lookup: it cannot disagree.
+            let e = explain(&w.state, Peer::Remote { identity: q.id }, me, q.proto, q.port);
+            prop_assert_eq!(e.allowed(), !got.drop, "explain, query {:?}", q);
+            let audit_drop = e.hops[0].audit.as_ref().map_or(got.drop, |a| a.verdict.drops());
+            prop_assert_eq!(audit_drop, got.audit_drop, "explain audit, query {:?}", q);
         }
     }
 
-    /// Audit-only policies never drop anything and produce no Deny entry.
+    /// Audit-only policies never drop anything and produce no dropping entry.
     #[test]
     fn audit_never_drops(
         policies in prop::collection::vec(policy_gen(Just(true)), 1..4),
         host in any::<bool>(),
     ) {
         let w = build(&policies, host);
-        prop_assert!(w.state.entries.values().all(|e| e.verdict != Verdict::Deny));
+        prop_assert!(w.state.entries.values().all(|e| !e.verdict.drops()));
         for q in queries(&w.pod_ids) {
-            prop_assert_ne!(simulate(&w, q), Outcome::Drop, "query {:?}", q);
+            prop_assert!(!simulate(&w, q).drop, "query {:?}", q);
+        }
+    }
+
+    /// Audit policies never change an enforced verdict (not even its kind), and the audit
+    /// verdict is exactly what the policies would decide with the audit ones enforced.
+    #[test]
+    fn audit_policies_never_change_enforcement(
+        enforcing in prop::collection::vec(policy_gen(Just(false)), 0..3),
+        audit in prop::collection::vec(policy_gen(Just(true)), 1..3),
+        host in any::<bool>(),
+    ) {
+        let alone = build(&enforcing, host);
+        let all: Vec<PolicyGen> = enforcing.iter().chain(&audit).cloned().collect();
+        let with_audit = build(&all, host);
+        let enforced_too: Vec<PolicyGen> = all
+            .iter()
+            .cloned()
+            .map(|p| PolicyGen { audit: false, ..p })
+            .collect();
+        let everything_enforced = build(&enforced_too, host);
+        for q in queries(&alone.pod_ids) {
+            let (v, a) = verdicts(&with_audit, q);
+            prop_assert_eq!(v, verdicts(&alone, q).0, "enforced verdict, query {:?}", q);
+            prop_assert_eq!(a, verdicts(&everything_enforced, q).0, "audit verdict, query {:?}", q);
         }
     }
 
@@ -387,8 +426,8 @@ proptest! {
         more[i].allows.push(extra);
         let after = build(&more, false);
         for q in queries(&before.pod_ids) {
-            if simulate(&before, q) != Outcome::Drop {
-                prop_assert_ne!(simulate(&after, q), Outcome::Drop, "query {:?}", q);
+            if !simulate(&before, q).drop {
+                prop_assert!(!simulate(&after, q).drop, "query {:?}", q);
             }
         }
     }
