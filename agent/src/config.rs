@@ -20,6 +20,8 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
     pub verbose: bool,
     pub ct_gc_interval: Duration,
+    /// Entries of the conntrack map when the agent creates it.
+    pub conntrack_max_entries: usize,
     /// How long a released identity waits before another label set may take its id.
     pub identity_grace: Duration,
     /// Most policy-map entries one endpoint may have.

@@ -45,7 +45,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // One node, one agent: the state directory first (its lock file names the holder),
     // then the pin directory (inside `Datapath::load`).
     let _state_lock = DirLock::acquire(&cfg.state_dir, "agent.lock")?;
-    let (datapath, channels) = Datapath::load(&cfg.bpffs_dir, cfg.verbose)?;
+    let (datapath, channels) =
+        Datapath::load(&cfg.bpffs_dir, cfg.verbose, cfg.conntrack_max_entries)?;
     let mut source = LocalSource::new(&cfg.source_dir, &cfg.state_dir)?;
     let wireguard_key = match cfg.encryption {
         EncryptionMode::Off => None,
@@ -94,6 +95,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     let ct_status = Arc::new(CtStatus::default());
+    ct_status
+        .capacity
+        .store(channels.conntrack.capacity(), Ordering::Relaxed);
     {
         let status = ct_status.clone();
         let interval = cfg.ct_gc_interval;

@@ -34,6 +34,8 @@ use crate::observe::{FlowHub, RECENT_FLOWS};
 /// Live conntrack entries as the last garbage collection counted them.
 #[derive(Debug, Default)]
 pub struct CtStatus {
+    /// The conntrack map's size.
+    pub capacity: AtomicUsize,
     pub live: AtomicUsize,
     /// Entries the LRU evicted since the agent started (see `EvictionLedger`).
     pub evicted: AtomicU64,
@@ -402,17 +404,18 @@ async fn status(api: &Api) -> Result<StatusReport, ApiError> {
         })
         .collect();
     let ct_live = api.ct.live.load(Ordering::Relaxed);
+    let ct_capacity = api.ct.capacity.load(Ordering::Relaxed).max(1);
     maps.push(MapUsage {
         name: weft_common::map_names::CONNTRACK.to_owned(),
         entries: ct_live,
-        capacity: weft_common::CONNTRACK_MAX_ENTRIES,
+        capacity: ct_capacity,
     });
     let mut problems = view.problems.as_ref().clone();
-    if ct_live * 10 >= weft_common::CONNTRACK_MAX_ENTRIES * 9 {
+    if ct_live * 10 >= ct_capacity * 9 {
         problems.push(format!(
             "the conntrack map is {}% full: the least recently used flows are evicted first (an \
              evicted flow is checked against policy again on its next packet)",
-            ct_live * 100 / weft_common::CONNTRACK_MAX_ENTRIES
+            ct_live * 100 / ct_capacity
         ));
     }
     if let Some(e) = &api.encryption {
@@ -460,7 +463,7 @@ async fn status(api: &Api) -> Result<StatusReport, ApiError> {
         },
         conntrack: ConntrackStats {
             live: ct_live,
-            capacity: weft_common::CONNTRACK_MAX_ENTRIES,
+            capacity: ct_capacity,
             created: counters.ct_created,
             revalidated: counters.ct_revalidated,
             revoked: counters.ct_revoked,

@@ -22,7 +22,10 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
-    /// The connection broke or timed out mid-call.
+    /// No answer within the read timeout (the agent is stuck or starved of CPU).
+    #[error("the weft agent did not answer within {} s", .0.as_secs())]
+    Timeout(Duration),
+    /// The connection broke mid-call.
     #[error("talking to the weft agent: {0}")]
     Io(#[from] io::Error),
     /// The agent closed the connection without an answer.
@@ -40,6 +43,7 @@ pub enum ClientError {
 pub struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    timeout: Option<Duration>,
 }
 
 impl Client {
@@ -58,6 +62,7 @@ impl Client {
         Ok(Self {
             reader: BufReader::new(stream),
             writer,
+            timeout: Some(DEFAULT_TIMEOUT),
         })
     }
 
@@ -67,6 +72,7 @@ impl Client {
     /// When the socket refuses the option.
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
         self.reader.get_ref().set_read_timeout(timeout)?;
+        self.timeout = timeout;
         Ok(())
     }
 
@@ -97,7 +103,17 @@ impl Client {
     /// A broken connection, a malformed line, or an error answer.
     pub fn read_next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ClientError> {
         let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
+        // A read timeout shows as WouldBlock (EAGAIN) on Unix sockets.
+        let read = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    ClientError::Timeout(self.timeout.unwrap_or_default())
+                }
+                _ => ClientError::Io(e),
+            })?;
+        if read == 0 {
             return Ok(None);
         }
         match serde_json::from_str::<Response<T>>(&line)

@@ -9,6 +9,10 @@ use clap::Parser;
 use weft_agent::config::EncryptionMode;
 use weft_agent::daemon::{self, Config};
 
+/// The eBPF object's conntrack size, the default of `--conntrack-max-entries`.
+#[allow(clippy::cast_possible_truncation)]
+const DEFAULT_CONNTRACK_ENTRIES: u32 = weft_common::CONNTRACK_MAX_ENTRIES as u32;
+
 #[derive(Parser)]
 #[command(name = "weft-agent", version, about = "weft node agent")]
 struct Args {
@@ -41,6 +45,10 @@ struct Args {
     /// Conntrack garbage collection interval in seconds.
     #[arg(long, default_value_t = 30)]
     ct_gc_interval: u64,
+    /// Entries of the conntrack map (a local flow takes one on each pod). Applies when the
+    /// map is created: a pinned map keeps its size across restarts, so that no flow is lost.
+    #[arg(long, default_value_t = DEFAULT_CONNTRACK_ENTRIES, value_parser = clap::value_parser!(u32).range(1_024..=16_777_216))]
+    conntrack_max_entries: u32,
     /// Seconds a released identity waits before another label set may take its id.
     #[arg(long, default_value_t = 600)]
     identity_grace: u64,
@@ -117,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         source_dir: args.source_dir,
         verbose: args.verbose,
         ct_gc_interval: Duration::from_secs(args.ct_gc_interval.max(1)),
+        conntrack_max_entries: args.conntrack_max_entries as usize,
         identity_grace: Duration::from_secs(args.identity_grace),
         policy_entries_per_endpoint: args.policy_entries_per_endpoint.max(1),
         verify_interval: Duration::from_secs(1),

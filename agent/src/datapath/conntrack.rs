@@ -7,10 +7,12 @@ use std::path::Path;
 use anyhow::Context;
 use aya::maps::{HashMap, MapData};
 use tracing::debug;
-use weft_common::{CONNTRACK_MAX_ENTRIES, CtEntry, CtKey, ct_lifetime_ns};
+use weft_common::{CtEntry, CtKey, ct_lifetime_ns};
 
 pub struct ConntrackHandle {
     map: HashMap<MapData, CtKey, CtEntry>,
+    /// The map's size as the kernel created it (a pinned map keeps its own).
+    capacity: usize,
 }
 
 /// LRU evictions, which the kernel does not count. Every entry the datapath created is still
@@ -58,9 +60,18 @@ impl ConntrackHandle {
     pub fn open(pin: &Path) -> anyhow::Result<Self> {
         let data = MapData::from_pin(pin)
             .with_context(|| format!("opening the conntrack map at {}", pin.display()))?;
+        let capacity = data
+            .info()
+            .with_context(|| format!("reading the size of {}", pin.display()))?
+            .max_entries() as usize;
         let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
             .context("the pinned conntrack map has another layout")?;
-        Ok(Self { map })
+        Ok(Self { map, capacity })
+    }
+
+    /// How many entries the map holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Delete expired entries (the LRU evicts the least recently used flows first when it
@@ -72,7 +83,7 @@ impl ConntrackHandle {
     pub fn gc(&mut self, now_ns: u64) -> GcStats {
         let mut expired = Vec::new();
         let mut live = 0;
-        for item in self.map.iter().take(CONNTRACK_MAX_ENTRIES) {
+        for item in self.map.iter().take(self.capacity) {
             let (key, entry) = match item {
                 Ok(kv) => kv,
                 // Entries can vanish (LRU eviction) while we iterate.
@@ -96,7 +107,7 @@ impl ConntrackHandle {
             seen: live + expired.len(),
             live,
             removed,
-            capacity: CONNTRACK_MAX_ENTRIES,
+            capacity: self.capacity,
         }
     }
 
@@ -109,7 +120,7 @@ impl ConntrackHandle {
         let doomed: Vec<CtKey> = self
             .map
             .iter()
-            .take(2 * CONNTRACK_MAX_ENTRIES)
+            .take(2 * self.capacity)
             .filter_map(Result::ok)
             .filter(|(_, entry)| {
                 entry.endpoint_id == endpoint_id || entry.redirect_ifindex == ifindex

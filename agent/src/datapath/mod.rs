@@ -149,9 +149,16 @@ impl Datapath {
     /// Refuses, naming what is missing, on a kernel without a feature the datapath uses, and
     /// when another agent holds `pin_dir`.
     ///
+    /// `conntrack_max_entries` sizes a conntrack map created now; an adopted map keeps the
+    /// size it was created with (the agent says so when they differ).
+    ///
     /// # Errors
     /// Kernel refusals, a locked pin directory, or pinned maps that cannot be adopted.
-    pub fn load(pin_dir: &Path, verbose: bool) -> anyhow::Result<(Self, Channels)> {
+    pub fn load(
+        pin_dir: &Path,
+        verbose: bool,
+        conntrack_max_entries: usize,
+    ) -> anyhow::Result<(Self, Channels)> {
         let attach_mode = AttachMode::detect();
         let mut features = features::probe(attach_mode);
         log_features(&features);
@@ -177,6 +184,10 @@ impl Datapath {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
+        loader.map_max_entries(
+            map_names::CONNTRACK,
+            u32::try_from(conntrack_max_entries).context("conntrack map size")?,
+        );
         if verbose {
             // DEBUG, not VERBOSE: the full per-instruction log outgrows the kernel's log
             // buffer, and older kernels then report ENOSPC instead of the real error.
@@ -218,6 +229,15 @@ impl Datapath {
         let policy = LpmTrie::try_from(take_map(&mut ebpf, map_names::POLICY)?)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, map_names::EVENTS)?)?;
         let conntrack = conntrack::ConntrackHandle::open(&pin_dir.join(map_names::CONNTRACK))?;
+        if conntrack.capacity() != conntrack_max_entries {
+            warn!(
+                pinned = conntrack.capacity(),
+                requested = conntrack_max_entries,
+                "the pinned conntrack map keeps its size, so that established flows survive the \
+                 restart; the new size applies once the map is recreated (remove its pin while \
+                 no agent runs)"
+            );
+        }
         let stats = stats::StatsHandle::open(&pin_dir.join(map_names::METRICS))?;
         let conntrack_stats = stats::StatsHandle::open(&pin_dir.join(map_names::METRICS))?;
 

@@ -665,6 +665,14 @@ fn guest_script(row: &Row) -> String {
         "echo \"{} after $(cut -d' ' -f1 /proc/uptime)s of uptime, Linux $(uname -r)\"",
         runner::READY_MARKER
     );
+    if row.stage.is_some() {
+        // Why a boot was slow (clocksource fallbacks, entropy waits, RCU stalls under TCG):
+        // the kernel log of a guest that took over a minute to get here.
+        s.push_str(
+            "echo \"weft-vm: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)\"\n\
+             if [ \"$(cut -d. -f1 /proc/uptime)\" -gt 60 ]; then dmesg | tail -n 60 | sed 's/^/weft-vm: dmesg: /'; fi\n",
+        );
+    }
     if !row.modules.is_empty() {
         // virtme-ng mounts neither bpffs nor cgroup2, and loads no modules by itself.
         s.push_str(
