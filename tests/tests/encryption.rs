@@ -505,3 +505,370 @@ fn weft_encryption_rotate_replaces_the_key_and_connections_keep_going() {
     assert_ne!(stored, key_file, "the new key is stored for the next start");
     drop((client, server));
 }
+
+fn strict_cluster(prefix: &TestPrefix, nodes: usize, strict: bool) -> Cluster {
+    Cluster::start(
+        prefix,
+        &ClusterOptions {
+            nodes,
+            encryption: true,
+            agent_args: if strict {
+                vec!["--encryption-strict".to_owned()]
+            } else {
+                Vec::new()
+            },
+            ..ClusterOptions::default()
+        },
+    )
+}
+
+/// Packets `node`'s datapath counted as dropped `unencrypted` (both directions).
+fn unencrypted_drops(node: &Node) -> u64 {
+    let status = node.weft_json(&["status"]);
+    status["counters"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter(|r| r["reason"] == "unencrypted")
+                .filter_map(|r| r["packets"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn strict_mode_drops_traffic_to_a_node_whose_key_was_removed_as_unencrypted() {
+    if skip_unless_privileged("strict_mode_drops_traffic_to_a_node_whose_key_was_removed") {
+        return;
+    }
+    let prefix = TestPrefix::new();
+    let cluster = strict_cluster(&prefix, 2, true);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    let server = n2.add_pod("server", "shop", &[("app", "server")]);
+    let client = n1.add_pod("client", "shop", &[("app", "client")]);
+    server.spawn_tcp_echo(8080);
+    server.spawn_udp_echo(8081);
+    cluster.policy_wait();
+    wait_for_full_mesh(&cluster);
+    for node in [n1, n2] {
+        assert_eq!(encryption_status(node)["strict"], true);
+        let text = node.weft_ok(&["status"]);
+        assert!(text.contains("strict mode on"), "weft status: {text}");
+        let text = node.weft_ok(&["encryption", "status"]);
+        assert!(
+            text.contains("Strict mode: on"),
+            "weft encryption status: {text}"
+        );
+    }
+    // Through the tunnel, strict mode lets everything pass, both ways.
+    let mut streams = Vec::new();
+    for addr in server.ips() {
+        eventually(&format!("TCP to {addr} through the tunnel"), || {
+            client.tcp_probe(addr, 8080, T)
+        });
+        assert!(client.udp_probe(addr, 8081, T), "UDP to {addr}");
+        assert!(client.ping_retry(addr, 5), "ICMP to {addr}");
+        let mut s = client
+            .tcp_connect(addr, 8080, Duration::from_secs(10))
+            .expect("connect");
+        tcp_roundtrip(&mut s, b"before\n").expect("echo before the key goes");
+        s.set_read_timeout(Some(T)).expect("timeout");
+        streams.push(s);
+    }
+    assert_eq!(
+        unencrypted_drops(n1),
+        0,
+        "nothing dropped while peers are up"
+    );
+
+    // Node 2's key goes from its Node object: node 1 no longer has it as a peer.
+    let file = cluster
+        .source_dir()
+        .join(format!("node-{}.yaml", n2.name()));
+    let original = std::fs::read_to_string(&file).expect("node 2's Node object");
+    assert!(original.contains("wireguardPublicKey"), "{original}");
+    let keyless: String = original
+        .lines()
+        .filter(|l| !l.contains("wireguardPublicKey"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    cluster.apply(&format!("node-{}.yaml", n2.name()), &keyless);
+    eventually("node 1 drops node 2 as a peer", || {
+        !peer_names(&encryption_status(n1)).contains(&n2.name().to_owned())
+    });
+
+    let pcap = cluster.dir().join("strict.pcap");
+    let mut capture = Capture::start(&cluster, &pcap);
+    // The denied traffic keeps trying and never gets through: new flows and established ones.
+    for round in 0..3 {
+        for addr in server.ips() {
+            assert!(
+                !client.tcp_probe(addr, 8080, T),
+                "round {round}: TCP to {addr} passed without a peer"
+            );
+            assert!(
+                !client.udp_probe(addr, 8081, T),
+                "round {round}: UDP to {addr} passed without a peer"
+            );
+            assert!(!client.ping(addr), "round {round}: ICMP to {addr} passed");
+        }
+    }
+    for s in &mut streams {
+        assert!(
+            tcp_roundtrip(s, b"after\n").is_err(),
+            "an established connection kept going without a peer"
+        );
+    }
+    capture.stop();
+    let flows = n1.observed_until(
+        &["--verdict", "dropped", "--pod", "client"],
+        "the drops are reported as unencrypted",
+        |f| f["drop_reason"] == "unencrypted" && f["direction"] == "egress",
+    );
+    assert!(!flows.is_empty());
+    assert!(unencrypted_drops(n1) > 0, "the drops are counted");
+    let text = cluster.underlay().run_ok(
+        "tcpdump",
+        &["-r", pcap.to_str().expect("utf-8"), "-nn", "-q"],
+    );
+    for addr in server.ips() {
+        assert!(
+            !text.contains(&format!("> {addr}")),
+            "plaintext to {addr} crossed the underlay: {text}"
+        );
+    }
+
+    // The key back: traffic passes again.
+    cluster.apply(&format!("node-{}.yaml", n2.name()), &original);
+    for addr in server.ips() {
+        eventually(&format!("TCP to {addr} once the key is back"), || {
+            client.tcp_probe(addr, 8080, T)
+        });
+    }
+    drop(streams);
+    drop((client, server));
+}
+
+/// A namespace on the underlay bridge that sends pod traffic in plaintext: it holds
+/// addresses of node 2's pod CIDRs and routes node 1's pod subnets via node 1's underlay
+/// address, as a host on the wire (or a node without its tunnel) would.
+struct Injector {
+    netns: weft_tests::NetNs,
+}
+
+impl Injector {
+    fn start(prefix: &TestPrefix, cluster: &Cluster, sources: &[IpAddr]) -> Self {
+        let netns = weft_tests::NetNs::create(&prefix.name("inj"));
+        let underlay = cluster.underlay();
+        underlay.run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                "ulinj",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns.name(),
+            ],
+        );
+        underlay.run_ok("ip", &["link", "set", "ulinj", "master", "br0"]);
+        underlay.run_ok("ip", &["link", "set", "ulinj", "up"]);
+        netns.sysctl("net.ipv6.conf.all.accept_dad", "0");
+        netns.sysctl("net.ipv6.conf.eth0.accept_dad", "0");
+        netns.run_ok("ip", &["addr", "add", "100.65.0.200/24", "dev", "eth0"]);
+        netns.run_ok(
+            "ip",
+            &["addr", "add", "fd00:65::c8/64", "dev", "eth0", "nodad"],
+        );
+        netns.run_ok("ip", &["link", "set", "eth0", "up"]);
+        for source in sources {
+            let host = if source.is_ipv4() { "/32" } else { "/128" };
+            netns.run_ok(
+                "ip",
+                &["addr", "add", &format!("{source}{host}"), "dev", "lo"],
+            );
+        }
+        let n1 = cluster.node(0);
+        let (v4, v6) = cluster.node_underlay(0);
+        netns.run_ok(
+            "ip",
+            &["route", "add", &n1.pod_subnet_v4(), "via", &v4.to_string()],
+        );
+        netns.run_ok(
+            "ip",
+            &["route", "add", &n1.pod_subnet_v6(), "via", &v6.to_string()],
+        );
+        Self { netns }
+    }
+
+    /// One UDP datagram from `from` to `to` in plaintext over the underlay.
+    fn send(&self, from: std::net::SocketAddr, to: std::net::SocketAddr, payload: &[u8]) {
+        self.netns.run(|| {
+            let socket = std::net::UdpSocket::bind(from).expect("bind the forged source");
+            socket.send_to(payload, to).expect("send");
+        });
+    }
+}
+
+/// Datagrams a socket in the pod received within `wait`, by payload.
+fn received(socket: &std::net::UdpSocket, wait: Duration) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return got;
+        }
+        socket.set_read_timeout(Some(left)).expect("timeout");
+        match socket.recv_from(&mut buf) {
+            Ok((n, _)) => got.push(buf[..n].to_vec()),
+            Err(_) => return got,
+        }
+    }
+}
+
+/// Plaintext injected on the underlay towards a pod of node 1, forging (a) the address
+/// and port of node 2's pod in an established flow, (b) node 2's pod on a new flow, and
+/// (c) an address of node 2's pod CIDR that no pod has. Returns what reached the pod.
+fn inject_plaintext(strict: bool) -> (Vec<Vec<u8>>, Cluster, Node2Pods) {
+    let prefix = TestPrefix::new();
+    let cluster = strict_cluster(&prefix, 2, strict);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    let server = n1.add_pod("server", "shop", &[("app", "server")]);
+    let client = n2.add_pod("client", "shop", &[("app", "client")]);
+    cluster.policy_wait();
+    wait_for_full_mesh(&cluster);
+    // Node 1 takes packets whose source it routes elsewhere (as a router with asymmetric
+    // paths does): the kernel's reverse-path filter must not be what stops the injection.
+    n1.netns().sysctl("net.ipv4.conf.all.rp_filter", "0");
+    n1.netns().sysctl("net.ipv4.conf.ul0.rp_filter", "0");
+    let sockets: Vec<std::net::UdpSocket> = server
+        .ips()
+        .iter()
+        .map(|addr| {
+            server
+                .netns()
+                .run(|| std::net::UdpSocket::bind((*addr, 9000)))
+                .expect("bind in the pod")
+        })
+        .collect();
+    // A real flow through the tunnel first (node 1's datapath has its conntrack entry).
+    for (addr, socket) in server.ips().iter().zip(&sockets) {
+        let to = std::net::SocketAddr::new(*addr, 9000);
+        let from = std::net::SocketAddr::new(
+            if addr.is_ipv4() {
+                client.ipv4
+            } else {
+                client.ipv6
+            },
+            40000,
+        );
+        let sender = client
+            .netns()
+            .run(|| std::net::UdpSocket::bind(from))
+            .expect("bind in the client pod");
+        eventually(&format!("UDP to {to} through the tunnel"), || {
+            sender.send_to(b"TUNNEL", to).expect("send");
+            received(socket, Duration::from_millis(300))
+                .iter()
+                .any(|d| d == b"TUNNEL")
+        });
+    }
+    let unknown_v4: IpAddr = n2
+        .pod_subnet_v4()
+        .replace(".0/24", ".250")
+        .parse()
+        .expect("v4");
+    let unknown_v6: IpAddr = n2
+        .pod_subnet_v6()
+        .replace("::/64", "::fa")
+        .parse()
+        .expect("v6");
+    let injector = Injector::start(
+        &prefix,
+        &cluster,
+        &[client.ipv4, client.ipv6, unknown_v4, unknown_v6],
+    );
+    let mut got = Vec::new();
+    for (addr, socket) in server.ips().iter().zip(&sockets) {
+        let (known, unknown) = if addr.is_ipv4() {
+            (client.ipv4, unknown_v4)
+        } else {
+            (client.ipv6, unknown_v6)
+        };
+        let to = std::net::SocketAddr::new(*addr, 9000);
+        for _ in 0..5 {
+            injector.send((known, 40000).into(), to, b"INJECTED-ESTABLISHED");
+            injector.send((known, 40001).into(), to, b"INJECTED-NEW");
+            injector.send((unknown, 40000).into(), to, b"INJECTED-UNKNOWN");
+            got.extend(received(socket, Duration::from_millis(200)));
+        }
+        got.extend(received(socket, T));
+    }
+    drop(injector);
+    drop(sockets);
+    (got, cluster, Node2Pods { server, client })
+}
+
+/// The pods of [`inject_plaintext`], dropped before the cluster.
+struct Node2Pods {
+    server: weft_tests::Pod,
+    client: weft_tests::Pod,
+}
+
+#[test]
+fn strict_mode_drops_plaintext_pod_traffic_injected_on_the_underlay() {
+    if skip_unless_privileged("strict_mode_drops_plaintext_injected") {
+        return;
+    }
+    let (got, cluster, pods) = inject_plaintext(true);
+    let injected: Vec<String> = got
+        .iter()
+        .filter(|d| d.starts_with(b"INJECTED"))
+        .map(|d| String::from_utf8_lossy(d).into_owned())
+        .collect();
+    assert!(
+        injected.is_empty(),
+        "plaintext from the underlay reached the pod: {injected:?}"
+    );
+    let n1 = cluster.node(0);
+    let flows = n1.observed_until(
+        &["--verdict", "dropped", "--pod", "server"],
+        "the injected packets are reported as unencrypted",
+        |f| f["drop_reason"] == "unencrypted" && f["direction"] == "ingress",
+    );
+    assert!(!flows.is_empty());
+    assert!(unencrypted_drops(n1) > 0, "the drops are counted");
+    drop(pods);
+    drop(cluster);
+}
+
+#[test]
+fn without_strict_mode_plaintext_injected_on_the_underlay_reaches_the_pod() {
+    if skip_unless_privileged("without_strict_mode_plaintext_flows") {
+        return;
+    }
+    let (got, cluster, pods) = inject_plaintext(false);
+    for what in [
+        &b"INJECTED-ESTABLISHED"[..],
+        b"INJECTED-NEW",
+        b"INJECTED-UNKNOWN",
+    ] {
+        assert!(
+            got.iter().any(|d| d == what),
+            "{} did not arrive without strict mode: {:?}",
+            String::from_utf8_lossy(what),
+            got.iter()
+                .map(|d| String::from_utf8_lossy(d).into_owned())
+                .collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(unencrypted_drops(cluster.node(0)), 0);
+    drop(pods);
+    drop(cluster);
+}
