@@ -812,13 +812,20 @@ fn inject_plaintext(strict: bool) -> (Vec<Vec<u8>>, Cluster, Node2Pods) {
     }
     drop(injector);
     drop(sockets);
-    (got, cluster, Node2Pods { server, client })
+    (
+        got,
+        cluster,
+        Node2Pods {
+            _server: server,
+            _client: client,
+        },
+    )
 }
 
 /// The pods of [`inject_plaintext`], dropped before the cluster.
 struct Node2Pods {
-    server: weft_tests::Pod,
-    client: weft_tests::Pod,
+    _server: weft_tests::Pod,
+    _client: weft_tests::Pod,
 }
 
 #[test]
@@ -871,4 +878,265 @@ fn without_strict_mode_plaintext_injected_on_the_underlay_reaches_the_pod() {
     assert_eq!(unencrypted_drops(cluster.node(0)), 0);
     drop(pods);
     drop(cluster);
+}
+
+/// A `wireguard-go` device configured by `wg`, in a namespace of its own on the underlay:
+/// a WireGuard implementation weft did not write. Stopped (and its namespace, interface and
+/// UAPI socket removed) on drop.
+struct WireguardGo {
+    netns: weft_tests::NetNs,
+    interface: String,
+    child: Option<Child>,
+}
+
+impl WireguardGo {
+    /// `None` when `wireguard-go` is not installed (a failure under `CI=true`).
+    fn start(prefix: &TestPrefix, cluster: &Cluster) -> Option<Self> {
+        let found = std::process::Command::new("wireguard-go")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            assert!(
+                !weft_tests::ci(),
+                "wireguard-go is not installed (cargo xtask setup installs it from \
+                 bookworm-backports): the interoperability test cannot run in CI"
+            );
+            eprintln!("SKIPPED weft_interoperates_with_wireguard_go: wireguard-go missing");
+            return None;
+        }
+        let netns = weft_tests::NetNs::create(&prefix.name("wgo"));
+        let underlay = cluster.underlay();
+        underlay.run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                "ulwgo",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                netns.name(),
+            ],
+        );
+        underlay.run_ok("ip", &["link", "set", "ulwgo", "master", "br0"]);
+        underlay.run_ok("ip", &["link", "set", "ulwgo", "up"]);
+        netns.run_ok("ip", &["addr", "add", "100.65.0.201/24", "dev", "eth0"]);
+        netns.run_ok("ip", &["link", "set", "eth0", "up"]);
+        // The UAPI socket directory is machine-wide: the name carries the test's prefix.
+        let interface = prefix.name("go");
+        let mut command = netns.command("wireguard-go");
+        command
+            .args(["-f", &interface])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = weft_tests::process::spawn_in_group(&mut command).expect("start wireguard-go");
+        let go = Self {
+            netns,
+            interface,
+            child: Some(child),
+        };
+        eventually("wireguard-go's UAPI socket answers `wg`", || {
+            go.netns
+                .exec("wg", &["show", &go.interface])
+                .status
+                .success()
+        });
+        Some(go)
+    }
+
+    fn wg(&self, args: &[&str]) -> String {
+        self.netns.run_ok("wg", args)
+    }
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            weft_tests::process::stop_child(child, Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.interface));
+    }
+}
+
+#[test]
+fn weft_interoperates_with_wireguard_go_configured_by_wg() {
+    if skip_unless_privileged("weft_interoperates_with_wireguard_go") {
+        return;
+    }
+    let prefix = TestPrefix::new();
+    // Strict mode on: what comes out of wireguard-go's tunnel is what weft accepts.
+    let cluster = strict_cluster(&prefix, 1, true);
+    let n1 = cluster.node(0);
+    let server = n1.add_pod("server", "shop", &[("app", "server")]);
+    server.spawn_tcp_echo(8080);
+    cluster.policy_wait();
+    let Some(go) = WireguardGo::start(&prefix, &cluster) else {
+        return;
+    };
+    let dir = cluster.dir().join("wgo");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key_file = dir.join("private.key");
+    let private = go
+        .netns
+        .command("wg")
+        .arg("genkey")
+        .output()
+        .expect("wg genkey");
+    std::fs::write(&key_file, &private.stdout).expect("write key");
+    let public = {
+        let mut child = go
+            .netns
+            .command("wg")
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("wg pubkey");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&private.stdout)
+            .expect("key to wg pubkey");
+        let out = child.wait_with_output().expect("wg pubkey");
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
+    };
+    let weft_key = encryption_status(n1)["public_key"]
+        .as_str()
+        .expect("weft's public key")
+        .to_owned();
+    let (u1, _) = cluster.node_underlay(0);
+    let (v4, v6) = (n1.pod_subnet_v4(), n1.pod_subnet_v6());
+    go.wg(&[
+        "set",
+        &go.interface,
+        "listen-port",
+        "51871",
+        "private-key",
+        key_file.to_str().expect("utf-8"),
+        "peer",
+        &weft_key,
+        "endpoint",
+        &format!("{u1}:{PORT}"),
+        "allowed-ips",
+        &format!("{v4},{v6}"),
+    ]);
+    let ns = &go.netns;
+    ns.run_ok(
+        "ip",
+        &["addr", "add", "100.64.200.1/32", "dev", &go.interface],
+    );
+    ns.run_ok(
+        "ip",
+        &[
+            "addr",
+            "add",
+            "fd00:64:0:c8::1/128",
+            "dev",
+            &go.interface,
+            "nodad",
+        ],
+    );
+    ns.run_ok("ip", &["link", "set", &go.interface, "mtu", "1420", "up"]);
+    ns.run_ok(
+        "ip",
+        &[
+            "route",
+            "add",
+            &v4,
+            "dev",
+            &go.interface,
+            "src",
+            "100.64.200.1",
+        ],
+    );
+    ns.run_ok(
+        "ip",
+        &[
+            "route",
+            "add",
+            &v6,
+            "dev",
+            &go.interface,
+            "src",
+            "fd00:64:0:c8::1",
+        ],
+    );
+    // weft learns the peer as it learns any node: from a `Node` object in the source.
+    cluster.apply(
+        "node-gonode.yaml",
+        &format!(
+            "apiVersion: weft.io/v1alpha1\nkind: Node\nmetadata: {{name: gonode}}\n\
+             spec: {{addresses: [100.65.0.201], podCIDRs: [100.64.200.0/24, fd00:64:0:c8::/64], \
+             wireguardPublicKey: {public}}}\n"
+        ),
+    );
+    eventually("weft has the wireguard-go node as a peer", || {
+        peer_names(&encryption_status(n1)).contains(&"gonode".to_owned())
+    });
+
+    // Traffic both ways through the handshake: ICMP and a TCP echo, v4 and v6, from the
+    // wireguard-go side to the pod on the weft node.
+    for addr in server.ips() {
+        let ping = if addr.is_ipv4() { "ping" } else { "ping6" };
+        eventually(&format!("ping {addr} from behind wireguard-go"), || {
+            ns.exec(ping, &["-c", "1", "-W", "1", &addr.to_string()])
+                .status
+                .success()
+        });
+        let echoed = ns.run(|| -> std::io::Result<()> {
+            let mut s = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::new(addr, 8080),
+                Duration::from_secs(5),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let message = vec![b'w'; 256 * 1024];
+            let writer = {
+                let mut s = s.try_clone()?;
+                let m = message.clone();
+                std::thread::spawn(move || s.write_all(&m))
+            };
+            let mut back = vec![0u8; message.len()];
+            s.read_exact(&mut back)?;
+            writer.join().expect("writer")?;
+            assert!(back == message, "the echo differs");
+            Ok(())
+        });
+        echoed.unwrap_or_else(|e| panic!("TCP echo of {addr} through wireguard-go: {e}"));
+    }
+    let shown = go.wg(&["show", &go.interface]);
+    assert!(shown.contains("latest handshake"), "wg show: {shown}");
+    assert!(
+        shown.contains(&format!("peer: {weft_key}")),
+        "wg show: {shown}"
+    );
+    let status = encryption_status(n1);
+    let peer = status["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["node"] == "gonode"))
+        .cloned()
+        .expect("gonode in weft encryption status");
+    assert_eq!(peer["public_key"], public.as_str(), "{status}");
+    assert!(peer["last_handshake_seconds_ago"].is_u64(), "{status}");
+    assert!(
+        peer["rx_bytes"].as_u64().unwrap_or(0) > 256 * 1024
+            && peer["tx_bytes"].as_u64().unwrap_or(0) > 256 * 1024,
+        "bytes both ways through the weft device: {status}"
+    );
+    assert_eq!(
+        unencrypted_drops(n1),
+        0,
+        "nothing dropped under strict mode"
+    );
+    cluster.remove("node-gonode.yaml");
+    drop(go);
+    drop(server);
 }
