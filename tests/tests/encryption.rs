@@ -1140,3 +1140,117 @@ fn weft_interoperates_with_wireguard_go_configured_by_wg() {
     drop(go);
     drop(server);
 }
+
+/// Deterministic bytes for the stream (xorshift), and a checksum over what is read back
+/// (FNV-1a, 64 bit): a byte lost, duplicated or changed anywhere changes it.
+struct Stream {
+    state: u64,
+}
+
+impl Stream {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            let bytes = self.state.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+fn fnv1a(hash: &mut u64, data: &[u8]) {
+    for b in data {
+        *hash ^= u64::from(*b);
+        *hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+}
+
+#[test]
+fn rotation_during_a_running_tcp_stream_keeps_it_whole() {
+    if skip_unless_privileged("rotation_during_a_running_tcp_stream") {
+        return;
+    }
+    const TOTAL: usize = 300 << 20;
+    const CHUNK: usize = 64 << 10;
+    let prefix = TestPrefix::new();
+    let cluster = encrypted_cluster(&prefix, 2);
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    let server = n2.add_pod("server", "shop", &[("app", "server")]);
+    let client = n1.add_pod("client", "shop", &[("app", "client")]);
+    server.spawn_tcp_echo(8080);
+    cluster.policy_wait();
+    wait_for_full_mesh(&cluster);
+    let old = encryption_status(n1)["public_key"].clone();
+    let mut stream = client
+        .tcp_connect(server.ipv4, 8080, Duration::from_secs(30))
+        .expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let started = Instant::now();
+    let writer = {
+        let mut stream = stream.try_clone().expect("clone");
+        std::thread::spawn(move || -> std::io::Result<u64> {
+            let mut source = Stream {
+                state: 0x9e37_79b9_7f4a_7c15,
+            };
+            let mut hash = 0xcbf2_9ce4_8422_2325;
+            let mut buf = vec![0u8; CHUNK];
+            let mut sent = 0;
+            while sent < TOTAL {
+                source.fill(&mut buf);
+                fnv1a(&mut hash, &buf);
+                stream.write_all(&buf)?;
+                sent += buf.len();
+            }
+            Ok(hash)
+        })
+    };
+    let mut hash = 0xcbf2_9ce4_8422_2325;
+    let mut buf = vec![0u8; CHUNK];
+    let mut read = 0usize;
+    let mut rotated = None;
+    while read < TOTAL {
+        let n = stream
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("the stream broke after {read} bytes: {e}"));
+        assert!(n > 0, "the stream ended after {read} bytes");
+        fnv1a(&mut hash, &buf[..n]);
+        read += n;
+        if rotated.is_none() && read >= TOTAL / 6 {
+            let answer = n1.weft_json(&["encryption", "rotate"]);
+            rotated = Some((answer["public_key"].clone(), read));
+        }
+    }
+    let sent_hash = writer
+        .join()
+        .expect("writer")
+        .expect("the stream was written");
+    let elapsed = started.elapsed();
+    assert_eq!(
+        hash, sent_hash,
+        "the echoed stream's checksum matches what was sent"
+    );
+    let (new, at) = rotated.expect("rotated during the stream");
+    assert_ne!(new, old, "a new key");
+    println!(
+        "{} MiB echoed through a key rotation (at {} MiB) in {elapsed:?}; checksums match",
+        TOTAL >> 20,
+        at >> 20
+    );
+    // Both sides have the new key in use: node 1 as its own, node 2 for its peer, with a
+    // handshake made with it.
+    assert_eq!(encryption_status(n1)["public_key"], new);
+    eventually("node 2 uses node 1's new key, with a handshake", || {
+        encryption_status(n2)["peers"]
+            .as_array()
+            .is_some_and(|peers| {
+                peers
+                    .iter()
+                    .any(|p| p["public_key"] == new && p["last_handshake_seconds_ago"].is_u64())
+            })
+    });
+    drop(stream);
+    drop((client, server));
+}
