@@ -525,15 +525,12 @@ fn strict_cluster(prefix: &TestPrefix, nodes: usize, strict: bool) -> Cluster {
 /// Packets `node`'s datapath counted as dropped `unencrypted` (both directions).
 fn unencrypted_drops(node: &Node) -> u64 {
     let status = node.weft_json(&["status"]);
-    status["counters"]
-        .as_array()
-        .map(|rows| {
-            rows.iter()
-                .filter(|r| r["reason"] == "unencrypted")
-                .filter_map(|r| r["packets"].as_u64())
-                .sum()
-        })
-        .unwrap_or(0)
+    status["counters"].as_array().map_or(0, |rows| {
+        rows.iter()
+            .filter(|r| r["reason"] == "unencrypted")
+            .filter_map(|r| r["packets"].as_u64())
+            .sum()
+    })
 }
 
 #[test]
@@ -587,11 +584,14 @@ fn strict_mode_drops_traffic_to_a_node_whose_key_was_removed_as_unencrypted() {
         .join(format!("node-{}.yaml", n2.name()));
     let original = std::fs::read_to_string(&file).expect("node 2's Node object");
     assert!(original.contains("wireguardPublicKey"), "{original}");
-    let keyless: String = original
+    let mut keyless = String::new();
+    for line in original
         .lines()
         .filter(|l| !l.contains("wireguardPublicKey"))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    {
+        keyless.push_str(line);
+        keyless.push('\n');
+    }
     cluster.apply(&format!("node-{}.yaml", n2.name()), &keyless);
     eventually("node 1 drops node 2 as a peer", || {
         !peer_names(&encryption_status(n1)).contains(&n2.name().to_owned())
@@ -1168,11 +1168,11 @@ fn fnv1a(hash: &mut u64, data: &[u8]) {
 
 #[test]
 fn rotation_during_a_running_tcp_stream_keeps_it_whole() {
+    const TOTAL: usize = 300 << 20;
+    const CHUNK: usize = 64 << 10;
     if skip_unless_privileged("rotation_during_a_running_tcp_stream") {
         return;
     }
-    const TOTAL: usize = 300 << 20;
-    const CHUNK: usize = 64 << 10;
     let prefix = TestPrefix::new();
     let cluster = encrypted_cluster(&prefix, 2);
     let (n1, n2) = (cluster.node(0), cluster.node(1));
