@@ -586,6 +586,7 @@ impl Datapath {
             map_names::IPCACHE,
             map_names::NODES,
             map_names::POLICY,
+            map_names::CLUSTER,
         ] {
             let path = self.pin_dir.join(name);
             let map = match name {
@@ -593,6 +594,7 @@ impl Datapath {
                 map_names::ENDPOINTS => self.endpoints.map(),
                 map_names::IPCACHE => self.ipcache.map(),
                 map_names::NODES => self.nodes.map(),
+                map_names::CLUSTER => self.cluster.map(),
                 _ => self.policy.map(),
             };
             findings.extend(verify_map_data_pin(&path, name, map));
@@ -675,6 +677,26 @@ impl Datapath {
             if n > 0 {
                 findings.push(format!(
                     "{n} ipcache entries were changed by someone else: restored"
+                ));
+            }
+        }
+        let current = self
+            .cluster
+            .iter()
+            .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+            .collect::<Result<BTreeMap<_, _>, _>>();
+        if let Ok(current) = current {
+            let (put, del) = drift(&self.cluster_now, &current);
+            let n = put.len() + del.len();
+            for (k, v) in put {
+                let _ = self.cluster.insert(&Key::new(k.0, k.1), v, 0);
+            }
+            for k in del {
+                let _ = self.cluster.remove(&Key::new(k.0, k.1));
+            }
+            if n > 0 {
+                findings.push(format!(
+                    "{n} cluster pod-CIDR entries were changed by someone else: restored"
                 ));
             }
         }
