@@ -31,6 +31,13 @@ pub struct Config {
     pub limits: ApiLimits,
     /// Node-to-node encryption of pod traffic.
     pub encryption: EncryptionMode,
+    /// Strict encryption: the datapath drops pod traffic to and from other nodes that does
+    /// not go through the encryption device (`unencrypted`). Needs `encryption` on.
+    pub encryption_strict: bool,
+    /// The cluster's pod address ranges (all nodes' pod CIDRs lie in them): under strict
+    /// encryption, traffic to or from an address in them that no node claims is dropped
+    /// rather than routed in plaintext. The nodes' own pod CIDRs count without it.
+    pub cluster_pod_cidrs: Vec<IpNet>,
     /// The `weft-l7` binary the agent runs when a rule needs it.
     pub l7_binary: PathBuf,
     /// Port of the L7 filter's transparent listener (on 127.0.0.1).

@@ -21,7 +21,7 @@ use crate::datapath::{Capacity, Datapath};
 use crate::endpoints::{self, Registry};
 use crate::fsutil;
 use crate::identity::IdentityBackend;
-use crate::plan::{self, Model, Plan, Refusal};
+use crate::plan::{self, EncryptionState, Model, Plan, Refusal};
 use crate::podnet;
 use crate::source::{Source, SourceBatch, Sourced};
 use crate::view::{Names, SharedView, View};
@@ -44,6 +44,8 @@ pub enum Command {
     /// The L7 filter's supervisor: steer `redirect-l7` flows to this port (0: the filter is
     /// not ready, drop them).
     L7Port(u16),
+    /// The encryption reconciler: what the device carries now.
+    Encryption(EncryptionState),
     Shutdown,
 }
 
@@ -114,6 +116,11 @@ impl Handle {
         self.tx.try_send(Command::L7Port(port)).is_ok()
     }
 
+    /// For the encryption reconciler: `false` when the queue is full (it tries again).
+    pub fn encryption_state(&self, state: EncryptionState) -> bool {
+        self.tx.try_send(Command::Encryption(state)).is_ok()
+    }
+
     pub fn shutdown(&self) {
         let _ = self.tx.try_send(Command::Shutdown);
     }
@@ -157,6 +164,9 @@ pub struct Controller {
     options: ResolveOptions,
     /// Where `redirect-l7` entries steer (the L7 filter's port), 0 while it is not ready.
     l7_port: u16,
+    /// What the encryption device carries (`None` before its reconciler reported, and
+    /// without encryption): no node's traffic counts as encrypted until then.
+    encryption: Option<EncryptionState>,
 }
 
 impl Controller {
@@ -203,6 +213,7 @@ impl Controller {
             verifications: 0,
             options: ResolveOptions::default(),
             l7_port: 0,
+            encryption: None,
         };
         controller.take_batch(initial);
         controller.config_revision = 1;
@@ -333,6 +344,18 @@ impl Controller {
                 self.l7_port = port;
                 true
             }
+            Command::Encryption(state) => {
+                if self.encryption.as_ref() == Some(&state) {
+                    return false;
+                }
+                info!(
+                    ifindex = state.ifindex,
+                    peers = state.peers.len(),
+                    "encryption device peers changed"
+                );
+                self.encryption = Some(state);
+                true
+            }
             Command::Shutdown => false,
         }
     }
@@ -413,7 +436,15 @@ impl Controller {
         );
         problems.extend(fitted.ipcache_problem);
         let refusals = fitted.refusals;
-        let desired = fitted.desired;
+        let mut desired = fitted.desired;
+        plan::encryption_overlay(
+            &mut desired,
+            &plan.nodes,
+            &self.node_ids,
+            self.encryption.as_ref(),
+            self.cfg.encryption_strict,
+            &self.cfg.cluster_pod_cidrs,
+        );
         let result = self.datapath.apply(&desired, self.l7_port);
         match result {
             Ok(stats) => {

@@ -90,6 +90,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.clone(),
             key,
             handle.shared_view(),
+            handle.clone(),
         )?)),
         None => None,
     };

@@ -18,7 +18,7 @@ use weft_policy::{
     Labels, LocalEndpoint, Object, PolicyMapKey, Repository, ResolveInput, ResolveOptions,
 };
 
-use crate::datapath::{Capacity, Desired, EndpointSpec, IpcacheSpec, NodeSpec, Place};
+use crate::datapath::{Capacity, ClusterSpec, Desired, EndpointSpec, IpcacheSpec, NodeSpec, Place};
 use crate::endpoints::EndpointRecord;
 use crate::identity::Allocated;
 use crate::source::Sourced;
@@ -588,3 +588,61 @@ pub struct Fitted {
 
 #[cfg(test)]
 mod tests;
+
+/// What this node's encryption device carries, as its reconciler last applied it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncryptionState {
+    /// The device's ifindex.
+    pub ifindex: u32,
+    /// Nodes that are peers of the device with their key and whose pod CIDRs are routed
+    /// into it.
+    pub peers: BTreeSet<String>,
+}
+
+/// The encryption part of the desired state: which nodes' traffic goes through the device
+/// (`encrypt`: only nodes the device has as peers now, per `state`; none without a device),
+/// the strict setting, and under strict encryption the cluster's pod ranges: the configured
+/// `cluster_cidrs` (unclaimed), every other node's pod CIDRs (that node's), this node's own
+/// (local; they win over a remote node claiming the same prefix).
+pub fn encryption_overlay(
+    desired: &mut Desired,
+    nodes: &[NodeSummary],
+    node_ids: &BTreeMap<String, u16>,
+    state: Option<&EncryptionState>,
+    strict: bool,
+    cluster_cidrs: &[IpNet],
+) {
+    let names: BTreeMap<u16, &str> = node_ids.iter().map(|(n, id)| (*id, n.as_str())).collect();
+    for (id, spec) in &mut desired.nodes {
+        let peer = state.is_some_and(|s| names.get(id).is_some_and(|n| s.peers.contains(*n)));
+        spec.encrypt = peer;
+        spec.encrypt_ifindex = if peer {
+            state.map_or(0, |s| s.ifindex)
+        } else {
+            0
+        };
+    }
+    desired.strict_encryption = strict;
+    desired.encrypt_ifindex = state.map_or(0, |s| s.ifindex);
+    desired.cluster.clear();
+    if !strict {
+        return;
+    }
+    for cidr in cluster_cidrs {
+        desired.cluster.insert(cidr.trunc(), ClusterSpec::Unclaimed);
+    }
+    for node in nodes.iter().filter(|n| !n.local) {
+        let spec = match node_ids.get(&node.name) {
+            Some(id) => ClusterSpec::Node { node: *id },
+            None => ClusterSpec::Unclaimed,
+        };
+        for cidr in &node.pod_cidrs {
+            desired.cluster.insert(cidr.trunc(), spec);
+        }
+    }
+    for node in nodes.iter().filter(|n| n.local) {
+        for cidr in &node.pod_cidrs {
+            desired.cluster.insert(cidr.trunc(), ClusterSpec::Local);
+        }
+    }
+}

@@ -188,7 +188,12 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<()> {
             nodes,
             agents: true,
             dir: Some(PathBuf::from(STATE_DIR)),
-            agent_args: Vec::new(),
+            // Strict: pod traffic between nodes outside the tunnel is dropped.
+            agent_args: if !opts.plain && nodes > 1 {
+                vec!["--encryption-strict".to_owned()]
+            } else {
+                Vec::new()
+            },
             encryption: !opts.plain && nodes > 1,
         },
     );
@@ -371,6 +376,15 @@ fn print_encryption(cluster: &Cluster) {
             );
             continue;
         }
+        println!(
+            "Encryption on {}: strict mode {}",
+            node.name(),
+            if status["strict"] == true {
+                "on (pod traffic between nodes outside the tunnel drops as `unencrypted`)"
+            } else {
+                "off"
+            }
+        );
         for peer in status["peers"].as_array().into_iter().flatten() {
             let handshake = peer["last_handshake_seconds_ago"].as_u64().map_or_else(
                 || "no handshake yet".to_owned(),

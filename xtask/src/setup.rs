@@ -120,6 +120,11 @@ pub fn ensure_apt_packages_from(
 }
 
 /// Install wireguard-go from backports unless the installed one came from there.
+///
+/// The host's apt sources are not changed: when they lack the backports suite, apt runs
+/// with a private configuration under `target/apt-backports` (its own sources list naming
+/// this release and its backports, its own package lists and cache; the host's dpkg
+/// status, since this installs), as `vm/kernels.rs` does for other releases' kernels.
 fn backports_wireguard_go() -> anyhow::Result<()> {
     if installed_version(WIREGUARD_GO).is_some_and(|v| v.contains("bpo")) {
         eprintln!("setup: wireguard-go (backports) present");
@@ -130,14 +135,28 @@ fn backports_wireguard_go() -> anyhow::Result<()> {
             "wireguard-go from backports missing and not running as root; run `cargo xtask setup` as root"
         );
     }
-    let suite = ensure_backports_source()?;
+    let codename = os_release_codename()?;
+    let suite = format!("{codename}-backports");
+    let options = if apt_sources_text().split_whitespace().any(|w| w == suite) {
+        Vec::new()
+    } else {
+        let dir = cmd::workspace_root().join("target/apt-backports");
+        eprintln!(
+            "setup: {suite} is not in the host's apt sources: using a private apt \
+             configuration in {} (the host's sources stay as they are)",
+            dir.display()
+        );
+        private_apt(&dir, &codename)?
+    };
     cmd::run(
         Command::new("apt-get")
+            .args(&options)
             .args(["update", "-q"])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
     cmd::run(
         Command::new("apt-get")
+            .args(&options)
             .args([
                 "install",
                 "-y",
@@ -149,6 +168,37 @@ fn backports_wireguard_go() -> anyhow::Result<()> {
             ])
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// `-o` options for apt with its own sources (`release` and `release`-backports, main),
+/// lists and cache under `dir`.
+fn private_apt(dir: &Path, release: &str) -> anyhow::Result<Vec<String>> {
+    for sub in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
+        fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+    }
+    let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    let mirror = "http://deb.debian.org/debian";
+    let sources = dir.join("sources.list");
+    fs::write(
+        &sources,
+        format!(
+            "deb [signed-by={keyring}] {mirror} {release} main\n\
+             deb [signed-by={keyring}] {mirror} {release}-backports main\n"
+        ),
+    )
+    .with_context(|| format!("writing {}", sources.display()))?;
+    let path = |p: PathBuf| p.to_string_lossy().into_owned();
+    Ok([
+        ("Dir::Etc::SourceList", path(sources)),
+        ("Dir::Etc::SourceParts", path(dir.join("sources.list.d"))),
+        ("Dir::State::Lists", path(dir.join("lists"))),
+        ("Dir::Cache", path(dir.join("cache"))),
+        ("APT::Sandbox::User", "root".to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| ["-o".to_string(), format!("{k}={v}")])
+    .collect())
 }
 
 /// The version of an installed package, `None` when it is not installed.

@@ -200,6 +200,10 @@ pub struct EncryptionReport {
     /// Remote pod CIDRs routed through the device.
     #[serde(default)]
     pub routes: Vec<IpNet>,
+    /// Strict mode: pod traffic between nodes that does not go through the device is
+    /// dropped by the datapath (`unencrypted`), both ways.
+    #[serde(default)]
+    pub strict: bool,
     /// Nodes or prefixes left out, and failures to configure the device or routes.
     #[serde(default)]
     pub problems: Vec<String>,

@@ -439,6 +439,14 @@ fn print_encryption(r: &EncryptionReport) {
     }
     println!("Encryption:  {}", r.mode);
     println!(
+        "Strict mode: {}",
+        if r.strict {
+            "on (pod traffic between nodes outside the tunnel is dropped as `unencrypted`, both ways)"
+        } else {
+            "off (start the agent with --encryption-strict to drop pod traffic between nodes outside the tunnel)"
+        }
+    );
+    println!(
         "Device:      {} (`wg show {}`), port {}, MTU {}",
         r.device, r.wg_interface, r.listen_port, r.mtu
     );

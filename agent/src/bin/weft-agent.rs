@@ -68,6 +68,17 @@ struct Args {
     /// other nodes as peers (every node of the cluster must run with it). Off by default.
     #[arg(long, value_enum, default_value_t = EncryptionMode::Off)]
     encryption: EncryptionMode,
+    /// Strict encryption (needs `--encryption wireguard`): the datapath drops, as
+    /// `unencrypted`, pod traffic to another node's pods that would not leave through the
+    /// WireGuard device (its peer or key is missing) and pod traffic from another node's pods
+    /// that did not come out of it (plaintext on the underlay). Off by default, as in Cilium.
+    #[arg(long)]
+    encryption_strict: bool,
+    /// The cluster's pod address ranges (repeatable, or comma-separated): under strict
+    /// encryption, addresses in them that no node claims are dropped, not routed in
+    /// plaintext. Every node's published pod CIDRs count without this.
+    #[arg(long = "cluster-pod-cidr", value_delimiter = ',')]
+    cluster_pod_cidrs: Vec<ipnet::IpNet>,
     /// Print the kernel verifier log when a program is refused.
     #[arg(long)]
     verbose: bool,
@@ -110,6 +121,11 @@ fn main() -> anyhow::Result<()> {
         weft_agent::config::valid_node_name(&node),
         "node name {node:?}: use letters, digits, '-', '.' and '_' (it names files and directories)"
     );
+    anyhow::ensure!(
+        !args.encryption_strict || args.encryption == EncryptionMode::Wireguard,
+        "--encryption-strict needs --encryption wireguard (strict mode without a tunnel would \
+         drop all pod traffic between nodes)"
+    );
     let cfg = Config {
         node_addresses: args.node_addresses,
         pod_cidrs: args.pod_cidrs,
@@ -135,6 +151,8 @@ fn main() -> anyhow::Result<()> {
             ..weft_agent::config::ApiLimits::default()
         },
         encryption: args.encryption,
+        encryption_strict: args.encryption_strict,
+        cluster_pod_cidrs: args.cluster_pod_cidrs,
         l7_binary: args
             .l7_binary
             .unwrap_or_else(weft_agent::l7::Settings::default_binary),

@@ -6,13 +6,13 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::IpNet;
 use weft_common::{
-    EndpointInfo, IPV4_MAPPED_PREFIX_BITS, IpcacheEntry, IpcacheKey, NodeEntry, POLICY_FIXED_BITS,
-    PolicyEntry, PolicyKey, auth_type, direction, endpoint_flags, ipcache_flags, node_flags,
-    verdict,
+    ClusterEntry, EndpointInfo, IPV4_MAPPED_PREFIX_BITS, IpcacheEntry, IpcacheKey, NodeEntry,
+    POLICY_FIXED_BITS, PolicyEntry, PolicyKey, auth_type, cluster_flags, direction, endpoint_flags,
+    ipcache_flags, node_flags, verdict,
 };
 use weft_policy::{Direction, EndpointPolicy, Isolation, MapEntry, PolicyMapKey, Verdict};
 
-use super::desired::{EndpointSpec, IpcacheSpec, NodeSpec, Place};
+use super::desired::{ClusterSpec, EndpointSpec, IpcacheSpec, NodeSpec, Place};
 
 // The policy core numbers reserved identities itself (it knows no ABI); the datapath must
 // agree, or a rule for `world` would match another peer.
@@ -121,6 +121,19 @@ pub fn node_entry(spec: &NodeSpec) -> NodeEntry {
         underlay_addr: addr_bytes(spec.underlay),
         flags: if spec.encrypt { node_flags::ENCRYPT } else { 0 },
         encrypt_ifindex: spec.encrypt_ifindex,
+    }
+}
+
+pub fn cluster_entry(spec: ClusterSpec) -> ClusterEntry {
+    let (node_id, flags) = match spec {
+        ClusterSpec::Local => (0, cluster_flags::LOCAL),
+        ClusterSpec::Node { node } => (node, 0),
+        ClusterSpec::Unclaimed => (0, 0),
+    };
+    ClusterEntry {
+        node_id,
+        flags,
+        _reserved: 0,
     }
 }
 

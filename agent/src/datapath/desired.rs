@@ -18,6 +18,25 @@ pub struct Desired {
     /// By node id (this agent's numbering of the other nodes; never 0).
     pub nodes: BTreeMap<u16, NodeSpec>,
     pub policy: BTreeMap<PolicyMapKey, MapEntry>,
+    /// The cluster's pod CIDRs and whose they are (read by the datapath only under strict
+    /// encryption).
+    pub cluster: BTreeMap<IpNet, ClusterSpec>,
+    /// Strict encryption: pod traffic between nodes that does not go through the encryption
+    /// device is dropped (`unencrypted`).
+    pub strict_encryption: bool,
+    /// ifindex of the encryption device, 0 for none.
+    pub encrypt_ifindex: u32,
+}
+
+/// Whose pod CIDR a cluster range is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterSpec {
+    /// This node's.
+    Local,
+    /// Node `node`'s (its id in the nodes map).
+    Node { node: u16 },
+    /// A configured cluster range no node claims (no peer carries it).
+    Unclaimed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,13 +34,13 @@ use aya::programs::links::FdLink;
 use aya::{Ebpf, EbpfLoader, VerifierLogLevel};
 use tracing::{error, info, warn};
 use weft_common::{
-    DatapathConfig, EndpointInfo, IpcacheEntry, IpcacheKey, NodeEntry, PolicyEntry, PolicyKey,
-    global_names, map_names, program_names, verdict,
+    ClusterEntry, DatapathConfig, EndpointInfo, IpcacheEntry, IpcacheKey, NodeEntry, PolicyEntry,
+    PolicyKey, config_flags, global_names, map_names, program_names, verdict,
 };
 
 pub use abi::{addr_bytes, addr_from_bytes};
 pub use attach::AttachMode;
-pub use desired::{Capacity, Desired, EndpointSpec, IpcacheSpec, NodeSpec, Place};
+pub use desired::{Capacity, ClusterSpec, Desired, EndpointSpec, IpcacheSpec, NodeSpec, Place};
 pub use features::{Feature, FeatureKind, FeatureReport};
 
 use crate::fsutil::DirLock;
@@ -78,12 +78,14 @@ pub struct Datapath {
     ipcache: LpmTrie<MapData, IpcacheKey, IpcacheEntry>,
     nodes: HashMap<MapData, u32, NodeEntry>,
     policy: LpmTrie<MapData, PolicyKey, PolicyEntry>,
+    cluster: LpmTrie<MapData, IpcacheKey, ClusterEntry>,
     /// What the maps hold, so that writes are diffs (loaded from the pinned maps at start).
     config_now: DatapathConfig,
     endpoints_now: BTreeMap<u32, EndpointInfo>,
     ipcache_now: BTreeMap<LpmKey<IpcacheKey>, IpcacheEntry>,
     nodes_now: BTreeMap<u32, NodeEntry>,
     policy_now: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
+    cluster_now: BTreeMap<LpmKey<IpcacheKey>, ClusterEntry>,
     /// TCX links held open, so that a removed pin never detaches a pod's programs.
     links: BTreeMap<(u32, &'static str), (String, FdLink)>,
     _pin_lock: DirLock,
@@ -106,13 +108,23 @@ pub struct ApplyStats {
     pub ipcache: SyncStats,
     pub nodes: SyncStats,
     pub policy: SyncStats,
+    pub cluster: SyncStats,
+    /// The strict encryption setting or the encryption device changed.
+    pub encryption_changed: bool,
     /// The policy revision after the apply (bumped when anything changed).
     pub revision: u32,
 }
 
 impl ApplyStats {
     pub fn changed(&self) -> bool {
-        [self.endpoints, self.ipcache, self.nodes, self.policy]
+        self.encryption_changed
+            || [
+                self.endpoints,
+                self.ipcache,
+                self.nodes,
+                self.policy,
+                self.cluster,
+            ]
             .iter()
             .any(|s| s.written + s.removed > 0)
     }
@@ -227,6 +239,7 @@ impl Datapath {
         let ipcache = LpmTrie::try_from(take_map(&mut ebpf, map_names::IPCACHE)?)?;
         let nodes = HashMap::try_from(take_map(&mut ebpf, map_names::NODES)?)?;
         let policy = LpmTrie::try_from(take_map(&mut ebpf, map_names::POLICY)?)?;
+        let cluster = LpmTrie::try_from(take_map(&mut ebpf, map_names::CLUSTER)?)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, map_names::EVENTS)?)?;
         let conntrack = conntrack::ConntrackHandle::open(&pin_dir.join(map_names::CONNTRACK))?;
         if conntrack.capacity() != conntrack_max_entries {
@@ -252,11 +265,13 @@ impl Datapath {
             ipcache,
             nodes,
             policy,
+            cluster,
             config_now: DatapathConfig::default(),
             endpoints_now: BTreeMap::new(),
             ipcache_now: BTreeMap::new(),
             nodes_now: BTreeMap::new(),
             policy_now: BTreeMap::new(),
+            cluster_now: BTreeMap::new(),
             links: BTreeMap::new(),
             _pin_lock: pin_lock,
         };
@@ -307,6 +322,12 @@ impl Datapath {
             .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
             .collect::<Result<_, _>>()
             .context("reading the policy map")?;
+        self.cluster_now = self
+            .cluster
+            .iter()
+            .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+            .collect::<Result<_, _>>()
+            .context("reading the cluster map")?;
         Ok(())
     }
 
@@ -441,8 +462,14 @@ impl Datapath {
             .iter()
             .map(|(k, e)| (abi::policy_key(k), abi::policy_entry(e, proxy_port)))
             .collect();
+        let cluster: BTreeMap<LpmKey<IpcacheKey>, ClusterEntry> = want
+            .cluster
+            .iter()
+            .map(|(prefix, spec)| (abi::ipcache_key(*prefix), abi::cluster_entry(*spec)))
+            .collect();
         let cap = Capacity::KERNEL;
         for (map, wanted, capacity) in [
+            ("cluster", cluster.len(), weft_common::CLUSTER_MAX_ENTRIES),
             ("endpoints", endpoints.len(), cap.endpoints),
             ("ipcache", ipcache.len(), cap.ipcache),
             ("nodes", nodes.len(), cap.nodes),
@@ -494,6 +521,13 @@ impl Datapath {
             .map_err(kernel("ipcache"))?;
         }
         {
+            let map = &mut self.cluster;
+            stats.cluster.written = upsert(&mut self.cluster_now, &cluster, None, |k, v| {
+                map.insert(&Key::new(k.0, k.1), v, 0)
+            })
+            .map_err(kernel("cluster"))?;
+        }
+        {
             let map = &mut self.nodes;
             stats.nodes.written = upsert(&mut self.nodes_now, &nodes, None, |k, v| {
                 map.insert(k, v, 0)
@@ -530,8 +564,22 @@ impl Datapath {
                 remove_stale(&mut self.nodes_now, &nodes, None, |k| map.remove(k))
                     .map_err(kernel("nodes"))?;
         }
+        {
+            let map = &mut self.cluster;
+            stats.cluster.removed = remove_stale(&mut self.cluster_now, &cluster, None, |k| {
+                map.remove(&Key::new(k.0, k.1))
+            })
+            .map_err(kernel("cluster"))?;
+        }
+        let mut next = self.config_now;
+        if want.strict_encryption {
+            next.flags |= config_flags::STRICT_ENCRYPTION;
+        } else {
+            next.flags &= !config_flags::STRICT_ENCRYPTION;
+        }
+        next.encrypt_ifindex = want.encrypt_ifindex;
+        stats.encryption_changed = next != self.config_now;
         if stats.changed() || self.config_now.policy_revision == 0 {
-            let mut next = self.config_now;
             // 0 is what entries of a map the agent never configured carry: skip it.
             next.policy_revision = next.policy_revision.wrapping_add(1).max(1);
             self.config.set(0, next, 0).map_err(kernel("config"))?;
@@ -558,6 +606,7 @@ impl Datapath {
             map_names::IPCACHE,
             map_names::NODES,
             map_names::POLICY,
+            map_names::CLUSTER,
         ] {
             let path = self.pin_dir.join(name);
             let map = match name {
@@ -565,6 +614,7 @@ impl Datapath {
                 map_names::ENDPOINTS => self.endpoints.map(),
                 map_names::IPCACHE => self.ipcache.map(),
                 map_names::NODES => self.nodes.map(),
+                map_names::CLUSTER => self.cluster.map(),
                 _ => self.policy.map(),
             };
             findings.extend(verify_map_data_pin(&path, name, map));
@@ -647,6 +697,26 @@ impl Datapath {
             if n > 0 {
                 findings.push(format!(
                     "{n} ipcache entries were changed by someone else: restored"
+                ));
+            }
+        }
+        let current = self
+            .cluster
+            .iter()
+            .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+            .collect::<Result<BTreeMap<_, _>, _>>();
+        if let Ok(current) = current {
+            let (put, del) = drift(&self.cluster_now, &current);
+            let n = put.len() + del.len();
+            for (k, v) in put {
+                let _ = self.cluster.insert(&Key::new(k.0, k.1), v, 0);
+            }
+            for k in del {
+                let _ = self.cluster.remove(&Key::new(k.0, k.1));
+            }
+            if n > 0 {
+                findings.push(format!(
+                    "{n} cluster pod-CIDR entries were changed by someone else: restored"
                 ));
             }
         }

@@ -31,7 +31,9 @@ use weft_api::{EncryptionPeerRow, EncryptionReport};
 use weft_wg::{DEFAULT_LISTEN_PORT, DEFAULT_MTU, Device, DeviceConfig, PeerConfig, PrivateKey};
 
 use crate::config::Config;
+use crate::controller::Handle;
 use crate::fsutil;
+use crate::plan::EncryptionState;
 use crate::source::local::write_node_object;
 use crate::view::SharedView;
 
@@ -120,7 +122,12 @@ impl Encryption {
     /// # Errors
     /// When the device cannot be created (another agent's device answers on the UAPI socket,
     /// the port is taken, no tun support).
-    pub fn start(config: Arc<Config>, key: PrivateKey, view: SharedView) -> anyhow::Result<Self> {
+    pub fn start(
+        config: Arc<Config>,
+        key: PrivateKey,
+        view: SharedView,
+        controller: Handle,
+    ) -> anyhow::Result<Self> {
         let interface = wg_interface(&config.node);
         let device_config = DeviceConfig::new(
             DEVICE_NAME,
@@ -148,6 +155,8 @@ impl Encryption {
                         ifindex,
                         last: None,
                         routes: BTreeSet::new(),
+                        controller,
+                        reported: None,
                     }
                     .run(&view, &published, &stop);
                 })
@@ -211,6 +220,7 @@ impl Encryption {
                 .map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
             peers,
             routes: published.routes.iter().copied().collect(),
+            strict: self.config.encryption_strict,
             problems: published.problems.clone(),
         }
     }
@@ -249,10 +259,11 @@ impl Encryption {
             n => format!(", {n} problem(s)"),
         };
         format!(
-            "wireguard on {} (wg interface {}, port {}): {} peer(s), {shaken} with a handshake{problems}",
+            "wireguard on {} (wg interface {}, port {}, strict mode {}): {} peer(s), {shaken} with a handshake{problems}",
             report.device,
             report.wg_interface,
             report.listen_port,
+            if report.strict { "on" } else { "off" },
             report.peers.len()
         )
     }
@@ -285,6 +296,11 @@ struct Reconciler {
     /// so the next turn tries again).
     last: Option<peers::Desired>,
     routes: BTreeSet<IpNet>,
+    /// Tells the controller which nodes the device carries (their `encrypt` flag in the
+    /// datapath's node table, which strict encryption checks).
+    controller: Handle,
+    /// What the controller last accepted.
+    reported: Option<EncryptionState>,
 }
 
 impl Reconciler {
@@ -296,6 +312,14 @@ impl Reconciler {
             let own_key = self.device.public_key();
             let desired = peers::desired(&current.plan.nodes, &own_key, port);
             if self.last.as_ref() != Some(&desired) {
+                // Nodes leaving (or changing key) stop counting as encrypted before their
+                // peer and routes go: strict mode drops their traffic from then on, never
+                // sends it past a half-removed tunnel.
+                let before = self.reported.as_ref().map(|r| r.peers.clone());
+                if let Some(before) = before {
+                    let staying = carried(&desired);
+                    self.report(before.intersection(&staying).cloned().collect());
+                }
                 let failures = self.apply(&desired);
                 let mut problems = desired.problems.clone();
                 problems.extend(failures.iter().cloned());
@@ -304,9 +328,35 @@ impl Reconciler {
                     routes: self.routes.clone(),
                     problems,
                 }));
+                if failures.is_empty() {
+                    self.report(carried(&desired));
+                }
                 self.last = failures.is_empty().then_some(desired);
+            } else if self.reported.is_none() {
+                // The controller's queue was full: tell it again.
+                if let Some(last) = &self.last {
+                    let peers = carried(last);
+                    self.report(peers);
+                }
             }
             std::thread::sleep(POLL);
+        }
+    }
+
+    /// Hand the controller the nodes the device carries; on a full queue, `reported` stays
+    /// unset and the next turn tries again (meanwhile the old, smaller set holds).
+    fn report(&mut self, peers: BTreeSet<String>) {
+        let state = EncryptionState {
+            ifindex: self.ifindex,
+            peers,
+        };
+        if self.reported.as_ref() == Some(&state) {
+            return;
+        }
+        if self.controller.encryption_state(state.clone()) {
+            self.reported = Some(state);
+        } else {
+            self.reported = None;
         }
     }
 
@@ -378,6 +428,16 @@ impl Reconciler {
         );
         failures
     }
+}
+
+/// The nodes whose pod CIDRs the device carries: peers with at least one routed prefix.
+fn carried(desired: &peers::Desired) -> BTreeSet<String> {
+    desired
+        .peers
+        .iter()
+        .filter(|p| !p.allowed_ips.is_empty())
+        .map(|p| p.node.clone())
+        .collect()
 }
 
 #[cfg(test)]

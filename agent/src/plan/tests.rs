@@ -239,3 +239,57 @@ fn endpoints_past_the_map_size_are_not_admitted_newest_first() {
     assert!(!fitted.desired.endpoints.contains_key(&201));
     assert!(fitted.desired.policy.keys().all(|k| k.endpoint_id != 41));
 }
+
+#[test]
+fn encryption_overlay_marks_only_carried_nodes_and_lists_cluster_ranges_under_strict() {
+    let node = |name: &str, local: bool, cidr: &str| NodeSummary {
+        name: name.into(),
+        local,
+        addresses: vec![],
+        pod_cidrs: vec![cidr.parse().expect("cidr")],
+        pods: 0,
+        wireguard_public_key: None,
+    };
+    let nodes = [
+        node("n1", true, "100.64.1.0/24"),
+        node("n2", false, "100.64.2.0/24"),
+        node("n3", false, "100.64.3.0/24"),
+    ];
+    let ids = BTreeMap::from([("n2".to_owned(), 1u16), ("n3".to_owned(), 2u16)]);
+    let mut desired = Desired::default();
+    for id in [1, 2] {
+        desired.nodes.insert(
+            id,
+            NodeSpec {
+                underlay: "100.65.0.9".parse().expect("addr"),
+                encrypt: false,
+                encrypt_ifindex: 0,
+            },
+        );
+    }
+    let state = EncryptionState {
+        ifindex: 42,
+        peers: BTreeSet::from(["n2".to_owned()]),
+    };
+    let cluster: Vec<IpNet> = vec!["100.64.0.0/16".parse().expect("cidr")];
+    encryption_overlay(&mut desired, &nodes, &ids, Some(&state), true, &cluster);
+    assert!(desired.nodes[&1].encrypt && desired.nodes[&1].encrypt_ifindex == 42);
+    assert!(!desired.nodes[&2].encrypt, "n3 is no peer: not encrypted");
+    assert!(desired.strict_encryption);
+    assert_eq!(desired.encrypt_ifindex, 42);
+    let net = |s: &str| s.parse::<IpNet>().expect("cidr");
+    assert_eq!(
+        desired.cluster,
+        BTreeMap::from([
+            (net("100.64.0.0/16"), ClusterSpec::Unclaimed),
+            (net("100.64.1.0/24"), ClusterSpec::Local),
+            (net("100.64.2.0/24"), ClusterSpec::Node { node: 1 }),
+            (net("100.64.3.0/24"), ClusterSpec::Node { node: 2 }),
+        ])
+    );
+    // Before the device reported, no node counts as encrypted; without strict, no ranges.
+    encryption_overlay(&mut desired, &nodes, &ids, None, false, &cluster);
+    assert!(!desired.nodes[&1].encrypt);
+    assert!(desired.cluster.is_empty());
+    assert_eq!(desired.encrypt_ifindex, 0);
+}

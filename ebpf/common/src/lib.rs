@@ -28,7 +28,9 @@ pub mod map_names {
     pub const CONFIG: &str = "weft_config_v1";
     pub const EVENTS: &str = "weft_events_v1";
     pub const METRICS: &str = "weft_metrics_v1";
-    pub const ALL: [&str; 11] = [
+    /// The cluster's pod CIDRs (which node each belongs to), for strict encryption.
+    pub const CLUSTER: &str = "weft_cluster_v1";
+    pub const ALL: [&str; 12] = [
         ENDPOINTS,
         IPCACHE,
         NODES,
@@ -40,6 +42,7 @@ pub mod map_names {
         CONFIG,
         EVENTS,
         METRICS,
+        CLUSTER,
     ];
 }
 
@@ -65,6 +68,7 @@ pub const CONNTRACK_MAX_ENTRIES: usize = 262_144;
 pub const FRAGMENTS_MAX_ENTRIES: usize = 8192;
 pub const EVENT_LIMITS_MAX_ENTRIES: usize = 8192;
 pub const AUTH_MAX_ENTRIES: usize = 16384;
+pub const CLUSTER_MAX_ENTRIES: usize = 4096;
 pub const EVENTS_RING_BYTES: usize = 1 << 22;
 
 // === identities ===
@@ -110,8 +114,12 @@ pub struct DatapathConfig {
     /// This node's id in the `nodes` map.
     pub local_node_id: u16,
     pub _pad: u16,
+    /// ifindex of this node's encryption device (`weft_wg0`), 0 for none. With
+    /// [`config_flags::STRICT_ENCRYPTION`], pod traffic from another node's pods must have
+    /// come in through it (`__sk_buff.ingress_ifindex`), or it is dropped.
+    pub encrypt_ifindex: u32,
     /// Room for settings of later features without a new map version.
-    pub _reserved: [u32; 5],
+    pub _reserved: [u32; 4],
 }
 
 // === endpoints map: host-side ifindex -> EndpointInfo ===
@@ -176,10 +184,33 @@ pub struct IpcacheEntry {
     pub _reserved: u32,
 }
 
+// === cluster: the cluster's pod CIDRs -> which node ===
+
+pub mod cluster_flags {
+    /// A pod CIDR of this node.
+    pub const LOCAL: u16 = 1 << 0;
+}
+
+/// Value of the `cluster` LPM trie (keyed like the ipcache): a pod CIDR of the cluster and
+/// the node it belongs to. A configured cluster-wide range no node has claimed has node id 0
+/// and no flags: under strict encryption, traffic to or from it is dropped (`unencrypted`),
+/// since no peer carries it. Read only under strict encryption, and only on the slow path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClusterEntry {
+    /// Key of the `nodes` map; 0 for this node or for no known node.
+    pub node_id: u16,
+    /// [`cluster_flags`] bits.
+    pub flags: u16,
+    pub _reserved: u32,
+}
+
 // === nodes: node id -> how to reach it ===
 
 pub mod node_flags {
-    /// Traffic to this node's pods goes through the encryption device.
+    /// Traffic to this node's pods goes through the encryption device: the node is a peer of
+    /// the device with its key, and the routes to its pod CIDRs point into the device. Under
+    /// strict encryption, pod traffic to a node without it is dropped (`unencrypted`).
     pub const ENCRYPT: u32 = 1 << 0;
 }
 
@@ -309,6 +340,10 @@ pub mod ct_flags {
     /// until a newer policy allows it again. The entry stays (rather than going) so that a
     /// revoked TCP connection cannot come back as a "new" flow from its other end.
     pub const REVOKED: u32 = 1 << 8;
+    /// A flow with a pod of another node under strict encryption: every packet of it that
+    /// enters the pod must have come in through the encryption device (checked on the fast
+    /// path too, so plaintext cannot join an established flow).
+    pub const ENCRYPTED: u32 = 1 << 9;
 }
 
 #[repr(C)]
@@ -625,8 +660,10 @@ macro_rules! assert_layout {
 }
 
 assert_layout!(DatapathConfig, 32, {
-    policy_revision: 0, flags: 4, local_node_id: 8, _pad: 10, _reserved: 12,
+    policy_revision: 0, flags: 4, local_node_id: 8, _pad: 10, encrypt_ifindex: 12,
+    _reserved: 16,
 });
+assert_layout!(ClusterEntry, 8, { node_id: 0, flags: 2, _reserved: 4 });
 assert_layout!(EndpointInfo, 16, { endpoint_id: 0, identity: 4, flags: 8, _pad: 12 });
 assert_layout!(IpcacheKey, 16, { addr: 0 });
 assert_layout!(IpcacheEntry, 16, {
@@ -677,6 +714,7 @@ mod user {
     unsafe impl aya::Pod for IpcacheKey {}
     unsafe impl aya::Pod for IpcacheEntry {}
     unsafe impl aya::Pod for NodeEntry {}
+    unsafe impl aya::Pod for ClusterEntry {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyEntry {}
     unsafe impl aya::Pod for CtKey {}

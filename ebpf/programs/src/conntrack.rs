@@ -48,6 +48,9 @@ pub enum Hit {
     /// A live entry checked against the current policy: pass, delivering to this ifindex
     /// when non-zero, or to the L7 filter when the flow goes through it.
     Live(u32, bool, u16),
+    /// A live [`ct_flags::ENCRYPTED`] entry seen entering the pod: pass if the packet came
+    /// in through the encryption device.
+    Tunnel,
     /// A live entry last checked against an older policy revision: check it again.
     Stale(*mut CtEntry),
     /// A flow the current policy revoked: drop, reported with the
@@ -82,6 +85,9 @@ pub fn lookup(key: &CtKey, dir: u8, tcp_flags: u8, len: u32, now: u64, revision:
         account(entry, key.protocol, dir, tcp_flags, len, now);
         if flags & ct_flags::REVOKED != 0 {
             return Hit::Revoked((*entry).revoked_reason);
+        }
+        if dir == direction::INGRESS && flags & ct_flags::ENCRYPTED != 0 {
+            return Hit::Tunnel;
         }
         Hit::Live(
             (*entry).redirect_ifindex,
@@ -159,6 +165,8 @@ pub struct NewFlow {
     /// filter's listener for a flow the source side steers, 0 for its upstream side.
     pub proxied: bool,
     pub proxy_port: u16,
+    /// With a pod of another node under strict encryption ([`ct_flags::ENCRYPTED`]).
+    pub encrypted: bool,
 }
 
 /// Records a new flow that `decision` let pass (possibly only in audit mode) at `dir`.
@@ -178,6 +186,9 @@ pub fn create(key: &CtKey, dir: u8, len: u32, now: u64, decision: &Decision, flo
     }
     if flow.proxied {
         flags |= ct_flags::PROXY_REDIRECT;
+    }
+    if flow.encrypted {
+        flags |= ct_flags::ENCRYPTED;
     }
     // Built in per-CPU scratch: 64 bytes the new-flow path's stack cannot spare.
     let Some(slot) = CT_SCRATCH.get_ptr_mut(0) else {

@@ -5,12 +5,14 @@
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
+    maps::lpm_trie::Key,
 };
 use weft_common::{
-    AUTH_MAX_ENTRIES, AuthEntry, AuthKey, CONNTRACK_MAX_ENTRIES, CtEntry, CtKey, DatapathConfig,
-    EVENT_LIMITS_MAX_ENTRIES, EVENTS_RING_BYTES, EndpointInfo, EventLimit, FRAGMENTS_MAX_ENTRIES,
-    FlowEvent, FragEntry, FragKey, IPCACHE_MAX_ENTRIES, IpcacheEntry, IpcacheKey, MAX_ENDPOINTS,
-    MAX_NODES, METRICS_ENTRIES, MetricValue, NodeEntry, POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey,
+    AUTH_MAX_ENTRIES, AuthEntry, AuthKey, CLUSTER_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, ClusterEntry,
+    CtEntry, CtKey, DatapathConfig, EVENT_LIMITS_MAX_ENTRIES, EVENTS_RING_BYTES, EndpointInfo,
+    EventLimit, FRAGMENTS_MAX_ENTRIES, FlowEvent, FragEntry, FragKey, IPCACHE_MAX_ENTRIES,
+    IpcacheEntry, IpcacheKey, MAX_ENDPOINTS, MAX_NODES, METRICS_ENTRIES, MetricValue, NodeEntry,
+    POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, config_flags,
 };
 
 /// Node-wide settings, one entry (index 0).
@@ -25,6 +27,10 @@ pub static ENDPOINTS: HashMap<u32, EndpointInfo, MAX_ENDPOINTS> = HashMap::new()
 /// which is `LpmTrie`'s default flag.
 #[btf_map(name = "weft_ipc_v1")]
 pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheEntry, IPCACHE_MAX_ENTRIES> = LpmTrie::new();
+
+/// The cluster's pod CIDRs -> the node each belongs to (strict encryption, slow path only).
+#[btf_map(name = "weft_cluster_v1")]
+pub static CLUSTER: LpmTrie<IpcacheKey, ClusterEntry, CLUSTER_MAX_ENTRIES> = LpmTrie::new();
 
 /// Node id -> underlay address and encryption settings.
 #[btf_map(name = "weft_nodes_v1")]
@@ -71,6 +77,11 @@ pub static SCRATCH: PerCpuArray<FlowEvent, 1> = PerCpuArray::new();
 #[btf_map(name = "weft_ct_scratch")]
 pub static CT_SCRATCH: PerCpuArray<CtEntry, 1> = PerCpuArray::new();
 
+/// Per-CPU room for the `cluster` lookup key of the strict encryption check (its frame sits
+/// below the new-flow path's, whose call chain has no stack to spare), as [`SCRATCH`].
+#[btf_map(name = "weft_lpm_scratch")]
+pub static LPM_SCRATCH: PerCpuArray<Key<IpcacheKey>, 1> = PerCpuArray::new();
+
 /// Set by the agent at load time from its feature probes (`global_names::USE_COARSE_CLOCK`):
 /// the verifier sees the frozen value and drops the branch not taken, so a kernel without
 /// `bpf_ktime_get_coarse_ns` (5.10) loads the same object.
@@ -93,6 +104,21 @@ pub fn policy_revision() -> u32 {
         None => 0,
     }
 }
+
+/// Under strict encryption, the ifindex packets from other nodes' pods must come in through
+/// (0 when there is no device: none may come in); [`STRICT_OFF`] when strict encryption is
+/// off. Read only where needed (an array lookup the verifier inlines), so the fast path of
+/// same-node flows never pays for it.
+#[inline(always)]
+pub fn strict_ifindex() -> u32 {
+    match CONFIG.get(0) {
+        Some(c) if c.flags & config_flags::STRICT_ENCRYPTION != 0 => c.encrypt_ifindex,
+        _ => STRICT_OFF,
+    }
+}
+
+/// [`strict_ifindex`] when strict encryption is off.
+pub const STRICT_OFF: u32 = u32::MAX;
 
 /// A key or value built on the stack, 8-byte aligned. The contract types are only 1- (LPM
 /// `Key` is packed), 2- or 4-byte aligned, and LLVM splits stores into a less aligned stack

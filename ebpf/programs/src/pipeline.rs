@@ -13,14 +13,17 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use weft_common::{
     CtEntry, CtKey, DropReason, EndpointInfo, FlowEvent, FragEntry, FragKey, IPCACHE_KEY_BITS,
-    IpcacheEntry, IpcacheKey, ct_flags, direction, event_notes, flow_verdict, identity,
-    ipcache_flags, metrics_index, metrics_slot,
+    IpcacheEntry, IpcacheKey, cluster_flags, ct_flags, direction, event_notes, flow_verdict,
+    identity, ipcache_flags, metrics_index, metrics_slot, node_flags,
 };
 
 use crate::{
     conntrack::{self, Hit, NewFlow},
     events,
-    maps::{self, Aligned, ENDPOINTS, FRAGMENTS, IPCACHE, SCRATCH},
+    maps::{
+        self, Aligned, CLUSTER, ENDPOINTS, FRAGMENTS, IPCACHE, LPM_SCRATCH, NODES, SCRATCH,
+        STRICT_OFF,
+    },
     parse::{self, MAX_PARSE_LEN, Packet, addr_bytes, frag, parsed},
     policy, proxy,
 };
@@ -59,6 +62,15 @@ pub fn process(ctx: &TcContext, dir: u8) -> i32 {
     }
     let key = conntrack::key(&pkt, dir);
     match conntrack::lookup(&key.0, dir, pkt.tcp_flags, len, seen.now, seen.revision) {
+        // A flow with another node's pod under strict encryption: what enters the pod must
+        // have come out of the tunnel (plaintext cannot join the flow).
+        Hit::Tunnel => {
+            if !from_tunnel(ctx) {
+                return drop_unencrypted_live(ctx, &pkt, &key.0, &seen);
+            }
+            events::count(metrics_index(DropReason::None as u8, dir, false), len);
+            return TC_ACT_OK;
+        }
         Hit::Live(redirect, proxied, proxy_port) => {
             // Through the L7 filter: leaving the pod, to the filter's socket.
             if proxied && dir == direction::EGRESS {
@@ -73,13 +85,33 @@ pub fn process(ctx: &TcContext, dir: u8) -> i32 {
             return TC_ACT_OK;
         }
         Hit::Stale(entry) => {
+            // The strict check runs here, not inside `recheck`: that call chain has no
+            // stack to spare for one more frame.
+            // Strict encryption first. Leaving the pod: a peer whose key went away stops
+            // the flow, revoked until it is a peer again. Entering it outside the tunnel:
+            // only this packet is dropped, the flow stays for the real peer's packets (a
+            // forged packet must not end someone else's connection).
+            if maps::strict_ifindex() != STRICT_OFF {
+                let action = strict_stale(ctx, &pkt, &key.0, entry, &seen);
+                if action != CONTINUE {
+                    return action;
+                }
+            }
             let action = recheck(ctx, &pkt, &key.0, entry, &seen);
             return steer_if_asked(ctx, &pkt, &key.0, &seen, action);
         }
         Hit::Revoked(reason) => return drop_revoked(ctx, &pkt, &key.0, &seen, reason),
         Hit::Miss(new_key) => seen.new_key = new_key,
     }
-    let action = new_flow(ctx, &pkt, &key.0, &seen);
+    // Strict encryption: checked here, not inside `new_flow`, whose call chain has no
+    // stack to spare for one more frame.
+    let strict_ifindex = maps::strict_ifindex();
+    let strict = if strict_ifindex == STRICT_OFF {
+        STRICT_LOCAL
+    } else {
+        strict_check_flow(ctx, &key.0, dir, strict_ifindex)
+    };
+    let action = new_flow(ctx, &pkt, &key.0, &seen, strict);
     steer_if_asked(ctx, &pkt, &key.0, &seen, action)
 }
 
@@ -148,6 +180,122 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// The interface the packet came into the node's namespace by (`skb->skb_iif`): the
+/// encryption device for packets out of the tunnel (the kernel module and the userspace
+/// device both hand decrypted packets to the stack on `weft_wg0`), the underlay interface
+/// for packets off the wire, a pod's host-side veth for packets from a local pod, and 0 for
+/// packets the node's own stack sent. Nothing a sender puts in a packet changes it.
+#[inline(always)]
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context pointer; ingress_ifindex is readable at tc.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
+/// Whether the packet came in through the encryption device, or strict encryption is off
+/// (then nothing is asked of it). Out of line: only packets of flows with other nodes'
+/// pods under strict encryption pay for it, and the fast path's frame stays as it was.
+#[inline(never)]
+fn from_tunnel(ctx: &TcContext) -> bool {
+    let strict = maps::strict_ifindex();
+    strict == STRICT_OFF || (strict != 0 && ingress_ifindex(ctx) == strict)
+}
+
+/// What [`strict_check`] answers.
+const STRICT_LOCAL: i8 = 0;
+const STRICT_TUNNEL: i8 = 1;
+const STRICT_DROP: i8 = -1;
+
+/// Strict encryption, for a flow the slow path checks: whether its peer (`key.remote_addr`,
+/// whose ipcache entry is packed in `place`, see [`pack_place`]) is a pod of another node
+/// and the packet travels through the tunnel ([`STRICT_TUNNEL`]), is not a pod of another
+/// node ([`STRICT_LOCAL`]), or would travel (or came) in plaintext ([`STRICT_DROP`]).
+///
+/// Egress (`from_pod`): to a pod of another node, or to any address in another node's pod
+/// CIDRs or in the configured cluster ranges (pods this node has not learned), the node
+/// must be a peer of the device with its key (`node_flags::ENCRYPT`; the agent sets it
+/// once the peer and its routes are in place, and clears it before they go).
+/// Ingress (`to_pod`): from such an address, the packet must have come in through the
+/// device; from a pod of this node, through that pod's own interface (an underlay packet
+/// forging a local pod's address is not that pod); from an unknown address of this node's
+/// pod CIDRs, only from the node's own stack.
+///
+/// Out of line, with scalars and a pointer to the caller's key only: the new-flow frame
+/// stays small. Only called when strict encryption is on.
+#[inline(never)]
+fn strict_check(ctx: &TcContext, key: &CtKey, dir: u8, strict_ifindex: u32, place: u64) -> i8 {
+    let flags = (place & 0xff) as u8;
+    let mut node_id = ((place >> 8) & 0xffff) as u32;
+    let pod_ifindex = (place >> 32) as u32;
+    if flags & ipcache_flags::LOCAL_POD != 0 {
+        if dir == direction::INGRESS {
+            let iif = ingress_ifindex(ctx);
+            if iif != 0 && iif != pod_ifindex {
+                return STRICT_DROP;
+            }
+        }
+        return STRICT_LOCAL;
+    }
+    if flags & ipcache_flags::REMOTE_POD == 0 {
+        let Some(lpm) = LPM_SCRATCH.get_ptr_mut(0) else {
+            return STRICT_DROP;
+        };
+        // SAFETY: this CPU's scratch slot, valid for this program run (tc programs do not
+        // nest on one CPU).
+        let lpm = unsafe {
+            lpm.write(Key::new(
+                IPCACHE_KEY_BITS,
+                IpcacheKey {
+                    addr: key.remote_addr,
+                },
+            ));
+            &*lpm
+        };
+        let Some(range) = CLUSTER.get(lpm) else {
+            // Outside the cluster's pod CIDRs: not pod traffic between nodes.
+            return STRICT_LOCAL;
+        };
+        if range.flags & cluster_flags::LOCAL != 0 {
+            // An address of this node's pod CIDRs that is no pod of it: it can only have
+            // come from the wire forging one.
+            if dir == direction::INGRESS && ingress_ifindex(ctx) != 0 {
+                return STRICT_DROP;
+            }
+            return STRICT_LOCAL;
+        }
+        node_id = u32::from(range.node_id);
+    }
+    if dir == direction::INGRESS {
+        if strict_ifindex != 0 && ingress_ifindex(ctx) == strict_ifindex {
+            return STRICT_TUNNEL;
+        }
+        return STRICT_DROP;
+    }
+    if node_id == 0 {
+        return STRICT_DROP;
+    }
+    match NODES.get_ptr(node_id) {
+        // SAFETY: a value pointer from bpf_map_lookup_elem, valid for this program run.
+        Some(node) if unsafe { (*node).flags } & node_flags::ENCRYPT != 0 => STRICT_TUNNEL,
+        _ => STRICT_DROP,
+    }
+}
+
+/// [`strict_check`] for a flow whose ipcache entry the caller does not have.
+#[inline(never)]
+fn strict_check_flow(ctx: &TcContext, key: &CtKey, dir: u8, strict_ifindex: u32) -> i8 {
+    let place = pack_place(lookup_ipcache(key.remote_addr).as_ref());
+    strict_check(ctx, key, dir, strict_ifindex, place)
+}
+
+/// An ipcache entry's place as one scalar for [`strict_check`]: flags, node id, ifindex.
+#[inline(always)]
+fn pack_place(entry: Option<&IpcacheEntry>) -> u64 {
+    match entry {
+        Some(e) => u64::from(e.flags) | (u64::from(e.node_id) << 8) | (u64::from(e.ifindex) << 32),
+        None => 0,
+    }
+}
+
 /// Fragments: the first one leaves its ports for the rest of its datagram; a later one takes
 /// them (then it meets conntrack and policy like the first). `false` when a later fragment's
 /// datagram is unknown: its first fragment never came this way.
@@ -213,19 +361,25 @@ struct Seen {
 
 /// Slow path: a packet without a live conntrack entry.
 #[inline(never)]
-fn new_flow(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen) -> i32 {
-    match try_new_flow(ctx, pkt, key, seen) {
+fn new_flow(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen, strict: i8) -> i32 {
+    match try_new_flow(ctx, pkt, key, seen, strict) {
         Ok(action) | Err(action) => action,
     }
 }
 
 #[inline(always)]
-fn try_new_flow(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen) -> Result<i32, i32> {
+fn try_new_flow(
+    ctx: &TcContext,
+    pkt: &Packet,
+    key: &CtKey,
+    seen: &Seen,
+    strict: i8,
+) -> Result<i32, i32> {
     let (dir, len, now, revision) = (seen.dir, seen.len, seen.now, seen.revision);
     let ifindex = ifindex(ctx);
     // Fail closed without room for the event (the slot always exists).
     let event = flow_event(pkt, dir, ifindex, len, now).ok_or(TC_ACT_SHOT)?;
-    if pkt.icmp_error_off != 0 && related(ctx, pkt, dir, now) {
+    if pkt.icmp_error_off != 0 && related(ctx, pkt, dir, now) && strict != STRICT_DROP {
         events::count(metrics_slot::ICMP_RELATED, len);
         events::count(metrics_index(DropReason::None as u8, dir, false), len);
         return Ok(TC_ACT_OK);
@@ -262,6 +416,9 @@ fn try_new_flow(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen) -> Resu
     } else {
         event.src_identity = peer;
         event.dst_identity = ep.identity;
+    }
+    if strict == STRICT_DROP {
+        return Err(drop(event, key, DropReason::Unencrypted));
     }
 
     let decision = policy::decide(&ep, peer, dir, pkt.protocol, pkt.policy_port);
@@ -307,6 +464,7 @@ fn try_new_flow(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen) -> Resu
         } else {
             0
         },
+        encrypted: strict == STRICT_TUNNEL,
     };
     conntrack::create(key, dir, len, now, &decision, &flow);
     if proxied && dir == direction::EGRESS {
@@ -374,6 +532,7 @@ fn deliver_local(
         new_key: maps::CONNTRACK.get_ptr(&key.0).is_none(),
         proxied: false,
         proxy_port: 0,
+        encrypted: false,
     };
     conntrack::create(&key.0, direction::INGRESS, len, now, &decision, &flow);
     Ok((dst_ifindex, 0))
@@ -589,10 +748,82 @@ fn drop_revoked(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen, reason:
     }
     let reason = if reason == DropReason::PolicyDenyRule as u8 {
         DropReason::PolicyDenyRule
+    } else if reason == DropReason::Unencrypted as u8 {
+        DropReason::Unencrypted
     } else {
         DropReason::PolicyDenied
     };
     drop(event, key, reason)
+}
+
+/// A packet entering the pod as part of an established flow with another node's pod under
+/// strict encryption, that did not come out of the tunnel (reported at most once a second).
+/// The flow itself stays: the real peer's packets keep coming through the tunnel.
+#[inline(never)]
+fn drop_unencrypted_live(ctx: &TcContext, pkt: &Packet, key: &CtKey, seen: &Seen) -> i32 {
+    let Some(event) = flow_event(pkt, seen.dir, ifindex(ctx), seen.len, seen.now) else {
+        return TC_ACT_SHOT;
+    };
+    if let Some(ep) = ENDPOINTS.get_ptr(event.ifindex) {
+        // SAFETY: non-null value pointer from bpf_map_lookup_elem; copied out at once.
+        let ep: EndpointInfo = unsafe { *ep };
+        event.endpoint_id = ep.endpoint_id;
+        event.dst_identity = ep.identity;
+    }
+    if let Some(e) = lookup_ipcache(key.remote_addr) {
+        event.src_identity = e.identity;
+        event.remote_node_id = e.node_id;
+    }
+    drop(event, key, DropReason::Unencrypted)
+}
+
+/// [`strict_stale`]: the packet goes on to `recheck`.
+const CONTINUE: i32 = i32::MIN;
+
+/// Strict encryption for a flow `recheck` is about to check again: [`CONTINUE`] with the
+/// entry's [`ct_flags::ENCRYPTED`] set as the check says, or the tc action of a drop.
+#[inline(never)]
+fn strict_stale(
+    ctx: &TcContext,
+    pkt: &Packet,
+    key: &CtKey,
+    entry: *mut CtEntry,
+    seen: &Seen,
+) -> i32 {
+    let strict = strict_check_flow(ctx, key, seen.dir, maps::strict_ifindex());
+    if strict == STRICT_DROP {
+        if seen.dir == direction::INGRESS {
+            return drop_unencrypted_live(ctx, pkt, key, seen);
+        }
+        return revoke_unencrypted(ctx, pkt, key, entry, seen);
+    }
+    // SAFETY: the entry pointer of this program run's lookup.
+    unsafe {
+        if strict == STRICT_TUNNEL {
+            (*entry).flags |= ct_flags::ENCRYPTED;
+        } else {
+            (*entry).flags &= !ct_flags::ENCRYPTED;
+        }
+    }
+    CONTINUE
+}
+
+/// A flow leaving the pod towards another node that no longer counts as encrypted (its
+/// peer or key went away): revoked with `unencrypted` until the node is a peer again (the
+/// next revision checks it again), this packet dropped.
+#[inline(never)]
+fn revoke_unencrypted(
+    ctx: &TcContext,
+    pkt: &Packet,
+    key: &CtKey,
+    entry: *mut CtEntry,
+    seen: &Seen,
+) -> i32 {
+    let reason = DropReason::Unencrypted as u8;
+    // SAFETY: the entry pointer of this program run's lookup.
+    unsafe { conntrack::revoke(entry, seen.revision, reason) };
+    events::count(metrics_slot::CT_REVOKED, seen.len);
+    drop_revoked(ctx, pkt, key, seen, reason)
 }
 
 /// A later fragment of a datagram whose first fragment was not seen.
