@@ -757,7 +757,10 @@ fn vm_command(
     }
     c.args(["--force-9p", "--cpus", "2", "--memory", "2G"])
         .arg("--append")
-        .arg(format!("modprobe.blacklist={}", blacklist.join(",")))
+        .arg(format!(
+            "modprobe.blacklist={} clocksource=tsc tsc=reliable",
+            blacklist.join(",")
+        ))
         .arg("--exec")
         .arg(format!("sh {}", shell_quote(&script.to_string_lossy())))
         .current_dir(root);
