@@ -20,6 +20,7 @@ pub mod conntrack;
 pub mod desired;
 pub mod events;
 mod features;
+mod sockredirect;
 pub mod stats;
 mod steering;
 mod verifier;
@@ -35,13 +36,14 @@ use aya::{Ebpf, EbpfLoader, VerifierLogLevel};
 use tracing::{error, info, warn};
 use weft_common::{
     DatapathConfig, EndpointInfo, IpcacheEntry, IpcacheKey, NodeEntry, PolicyEntry, PolicyKey,
-    global_names, map_names, program_names, verdict,
+    config_flags, global_names, map_names, program_names, verdict,
 };
 
 pub use abi::{addr_bytes, addr_from_bytes};
 pub use attach::AttachMode;
 pub use desired::{Capacity, Desired, EndpointSpec, IpcacheSpec, NodeSpec, Place};
 pub use features::{Feature, FeatureKind, FeatureReport};
+pub use sockredirect::{SocketRedirectSettings, SocketRedirectState, cgroup2_mount};
 
 use crate::fsutil::DirLock;
 use abi::LpmKey;
@@ -86,6 +88,9 @@ pub struct Datapath {
     policy_now: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
     /// TCX links held open, so that a removed pin never detaches a pod's programs.
     links: BTreeMap<(u32, &'static str), (String, FdLink)>,
+    socket_redirect: SocketRedirectState,
+    /// The sock_ops cgroup link, held open like the TCX links.
+    _sock_link: Option<FdLink>,
     _pin_lock: DirLock,
 }
 
@@ -151,7 +156,11 @@ impl Datapath {
     ///
     /// # Errors
     /// Kernel refusals, a locked pin directory, or pinned maps that cannot be adopted.
-    pub fn load(pin_dir: &Path, verbose: bool) -> anyhow::Result<(Self, Channels)> {
+    pub fn load(
+        pin_dir: &Path,
+        verbose: bool,
+        redirect: &SocketRedirectSettings,
+    ) -> anyhow::Result<(Self, Channels)> {
         let attach_mode = AttachMode::detect();
         let mut features = features::probe(attach_mode);
         log_features(&features);
@@ -238,9 +247,25 @@ impl Datapath {
             nodes_now: BTreeMap::new(),
             policy_now: BTreeMap::new(),
             links: BTreeMap::new(),
+            socket_redirect: SocketRedirectState {
+                on: false,
+                detail: "not set up".into(),
+            },
+            _sock_link: None,
             _pin_lock: pin_lock,
         };
         datapath.read_back()?;
+        // After tc is in place, and never fatal: without it tc enforces as before.
+        let (state, link) = sockredirect::setup(
+            &mut datapath.ebpf,
+            pin_dir,
+            redirect,
+            &datapath.features,
+            verbose,
+        );
+        datapath.socket_redirect = state;
+        datapath._sock_link = link;
+        datapath.write_redirect_flag()?;
         info!(
             pin_dir = %pin_dir.display(),
             attach_mode = datapath.attach_mode.name(),
@@ -260,6 +285,28 @@ impl Datapath {
                 conntrack_stats,
             },
         ))
+    }
+
+    /// The config flag the socket programs check, as [`Self::socket_redirect`] says.
+    fn write_redirect_flag(&mut self) -> anyhow::Result<()> {
+        let mut next = self.config_now;
+        if self.socket_redirect.on {
+            next.flags |= config_flags::SOCKET_REDIRECT;
+        } else {
+            next.flags &= !config_flags::SOCKET_REDIRECT;
+        }
+        if next != self.config_now {
+            self.config
+                .set(0, next, 0)
+                .context("writing the datapath config")?;
+            self.config_now = next;
+        }
+        Ok(())
+    }
+
+    /// Whether same-node socket redirection runs, and why not.
+    pub fn socket_redirect(&self) -> &SocketRedirectState {
+        &self.socket_redirect
     }
 
     /// Fill the mirrors from the maps (after adopting pinned maps, they hold the last policy).
