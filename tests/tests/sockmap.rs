@@ -247,6 +247,71 @@ fn same_node_transfer_is_redirected_both_ways_without_payload_on_the_veths() {
     eventually("closed connections leave the socket map empty", || {
         sockhash_len(&s.node) == 0
     });
+    drop(captures);
+
+    // The control: the same transfer from a process outside the node's cgroup (the pod's
+    // namespace only) takes the normal path, and the capture does see its payload.
+    let capture = payload_capture(&s.node, &s.client.host_ifname);
+    let out = s
+        .client
+        .netns()
+        .command("python3")
+        .args([
+            "-c",
+            PEER,
+            "xfer",
+            &s.server.ipv4.to_string(),
+            &PORT.to_string(),
+            "65536",
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "control transfer: {out:?}");
+    eventually("the capture sees the control's payload", || {
+        !capture.output().trim().is_empty()
+    });
+}
+
+#[test]
+fn an_l7_ruled_flow_is_never_redirected() {
+    let Some(s) = setup("an_l7_ruled_flow_is_never_redirected") else {
+        return;
+    };
+    s.server.spawn_http_server(8000);
+    let rules = "  endpointSelector:
+    matchLabels: {app: server}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: client}
+    toPorts:
+    - ports:
+      - {port: \"8000\", protocol: TCP}
+      rules:
+        http:
+        - {method: GET, path: \"/\"}
+";
+    s.node
+        .apply("server.yaml", &policy_yaml("server-http", "shop", rules));
+    s.node.policy_wait();
+    eventually("the L7 filter is ready", || {
+        s.node.weft_json(&["status"])["l7_filter"]["state"] == "ready"
+    });
+    let url = format!("http://{}:8000/", s.server.ipv4);
+    let code = |method: &str| {
+        let out = s.client.exec(
+            "curl",
+            &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "-X", method, &url],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(code("GET"), "200", "the allowed GET through the L7 filter");
+    assert_eq!(code("DELETE"), "403", "the filter still sees every request");
+    assert_eq!(
+        stat(&s.node, "sockets"),
+        0,
+        "no socket of an L7-ruled flow is redirected: {}",
+        redirect_stats(&s.node)
+    );
 }
 
 #[test]

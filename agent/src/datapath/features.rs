@@ -19,6 +19,12 @@
 //!   has it; on 5.10 the programs read `bpf_ktime_get_ns` instead (chosen at load time).
 //! - tc attach: TCX links on >= 6.6, otherwise the clsact qdisc (`sch_ingress`, 4.5) with a
 //!   `cls_bpf` filter in direct-action mode.
+//! - Same-node socket redirection (optional, [`socket_redirect_missing`] says what is
+//!   missing and the agent runs without it): sock_ops programs 4.13, sk_msg programs 4.17,
+//!   the sockhash map with `bpf_sock_hash_update` and `bpf_msg_redirect_hash` 4.18, the ring
+//!   buffer helpers in sock_ops 5.8, a pinnable cgroup `bpf_link` 5.7: 5.8 in all, below
+//!   weft's 5.10 floor, so every kernel weft runs on has it unless the build lacks
+//!   `CONFIG_BPF_STREAM_PARSER` (sockhash) or `CONFIG_CGROUP_BPF`.
 
 use std::path::Path;
 
@@ -424,6 +430,33 @@ mod tests {
             sock_called.difference(&sock_listed).collect::<Vec<_>>(),
             Vec::<&u32>::new(),
             "helpers sock_ops/sk_msg call that SOCK_HELPERS does not list"
+        );
+    }
+
+    #[test]
+    fn socket_redirect_names_what_the_kernel_lacks_and_ignores_the_optional_clock() {
+        let mut report = FeatureReport {
+            kernel: "5.10.0".into(),
+            attach_mode: "netlink".into(),
+            features: socket_redirect_features(),
+        };
+        for f in &mut report.features {
+            f.available = true;
+        }
+        for f in &mut report.features {
+            if f.name.starts_with("bpf_ktime_get_coarse_ns") {
+                f.available = false;
+            }
+        }
+        assert!(socket_redirect_missing(&report).is_empty());
+        for f in &mut report.features {
+            if f.name == "sockhash map" {
+                f.available = false;
+            }
+        }
+        assert_eq!(
+            socket_redirect_missing(&report),
+            vec!["sockhash map (Linux 4.18)".to_owned()]
         );
     }
 
