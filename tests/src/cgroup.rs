@@ -1,5 +1,5 @@
 //! Per-node cgroups: the harness puts the processes it starts in a node's pods into the
-//! node's own cgroup v2 (`weft-test-<prefix>-<node>` under the cgroup2 mount), as kubelet
+//! node's own cgroup v2 (`weft-test-<prefix>-<node>` under the `cgroup2` mount), as kubelet
 //! puts pods under `kubepods`, and gives that cgroup to the node's agent (`--cgroup`). Each
 //! node has its own, so that parallel tests' agents never see each other's sockets.
 

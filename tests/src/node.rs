@@ -59,7 +59,7 @@ pub(crate) struct NodeInfo {
     pub ipam_dir: PathBuf,
     pub socket: PathBuf,
     /// The node's cgroup v2 (as kubelet's `kubepods`): every process the harness starts in
-    /// one of its pods runs in it, and its agent attaches sock_ops there. `None` where the
+    /// one of its pods runs in it, and its agent attaches `sock_ops` there. `None` where the
     /// machine has no cgroup v2.
     pub cgroup: Option<PathBuf>,
     pub bin_dir: PathBuf,

@@ -179,7 +179,7 @@ impl Pod {
     }
 
     /// A command that runs `program` inside the pod: its network namespace, and its node's
-    /// cgroup (where kubelet would put it; the node's sock_ops program sees its sockets).
+    /// cgroup (where kubelet would put it; the node's `sock_ops` program sees its sockets).
     pub fn command(&self, program: &str) -> Command {
         let Some(cgroup) = &self.node.cgroup else {
             return self.netns().command(program);

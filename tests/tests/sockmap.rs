@@ -1,4 +1,4 @@
-//! Same-node socket redirection (sock_ops + sk_msg) end to end: real agent, real pods whose
+//! Same-node socket redirection (`sock_ops` + `sk_msg`) end to end: real agent, real pods whose
 //! processes run in the node's cgroup, real TCP. Each test builds its own node with a
 //! per-test prefix; everything (cgroup included) is removed on drop, also on failure.
 
@@ -185,9 +185,7 @@ fn payload_capture(node: &Node, ifname: &str) -> Background {
         "-nn",
         "-l",
         "--immediate-mode",
-        &format!(
-            "tcp port {PORT} and (((ip[2:2] - ((ip[0]&0xf)<<2)) - ((tcp[12]&0xf0)>>2)) != 0)"
-        ),
+        &format!("tcp port {PORT} and (((ip[2:2] - ((ip[0]&0xf)<<2)) - ((tcp[12]&0xf0)>>2)) != 0)"),
     ]);
     let capture = Background::start(cmd, node.dir().join(format!("tcpdump-{ifname}")));
     eventually("tcpdump listens", || {
@@ -300,7 +298,18 @@ fn an_l7_ruled_flow_is_never_redirected() {
     let code = |method: &str| {
         let out = s.client.exec(
             "curl",
-            &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "-X", method, &url],
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                "-X",
+                method,
+                &url,
+            ],
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
@@ -319,8 +328,10 @@ fn a_denied_flow_is_never_redirected() {
     let Some(s) = setup("a_denied_flow_is_never_redirected") else {
         return;
     };
-    s.node
-        .apply("server.yaml", &policy_yaml("server-in", "shop", SERVER_ALLOWS_OTHER));
+    s.node.apply(
+        "server.yaml",
+        &policy_yaml("server-in", "shop", SERVER_ALLOWS_OTHER),
+    );
     s.node.policy_wait();
     for _ in 0..3 {
         let (ok, out) = xfer(&s.client, &s.server, 64 << 10);
@@ -345,13 +356,15 @@ fn a_flow_allowed_then_denied_stops_within_a_second() {
     eventually("the stream is redirected", || {
         client.echoed() > 0 && stat(&s.node, "messages") > 0
     });
-    s.node
-        .apply("server.yaml", &policy_yaml("server-in", "shop", SERVER_ALLOWS_OTHER));
+    s.node.apply(
+        "server.yaml",
+        &policy_yaml("server-in", "shop", SERVER_ALLOWS_OTHER),
+    );
     s.node.policy_wait();
     let applied = Instant::now();
     eventually_within(
         "the denied stream stops passing data",
-        Duration::from_millis(1000),
+        Duration::from_secs(1),
         || {
             let before = client.echoed();
             std::thread::sleep(Duration::from_millis(250));
@@ -412,15 +425,19 @@ fn half_close_and_reset_behave_as_without_redirection() {
             &RST_PORT.to_string(),
         ],
     );
-    assert!(ok && out.trim() == "reset", "the server's RST reaches the client: {out}");
+    assert!(
+        ok && out.trim() == "reset",
+        "the server's RST reaches the client: {out}"
+    );
     assert!(
         stat(&s.node, "sockets") >= 4,
         "both connections were redirected: {}",
         redirect_stats(&s.node)
     );
-    eventually("closed and reset connections leave the socket map empty", || {
-        sockhash_len(&s.node) == 0
-    });
+    eventually(
+        "closed and reset connections leave the socket map empty",
+        || sockhash_len(&s.node) == 0,
+    );
 }
 
 #[test]

@@ -73,11 +73,11 @@ struct Args {
     #[arg(long, default_value_t = 15001)]
     l7_port: u16,
     /// Redirect the payload of allowed same-node TCP connections from socket to socket
-    /// (sock_ops + sk_msg); on by default where the kernel has what it needs.
+    /// (`sock_ops` + `sk_msg`); on by default where the kernel has what it needs.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     socket_redirect: bool,
-    /// The cgroup v2 directory that holds the node's pods (the sock_ops program attaches
-    /// there; default: where cgroup2 is mounted, e.g. /sys/fs/cgroup).
+    /// The cgroup v2 directory that holds the node's pods (the `sock_ops` program attaches
+    /// there; default: where `cgroup2` is mounted, e.g. /sys/fs/cgroup).
     #[arg(long)]
     cgroup: Option<PathBuf>,
 }

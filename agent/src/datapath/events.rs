@@ -31,6 +31,10 @@ impl FlowVerdict {
 
 /// One flow event, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "each flag is one note of the event, as the datapath sets them"
+)]
 pub struct FlowRecord {
     /// Monotonic time of the packet (the datapath's clock), ns.
     pub monotonic_ns: u64,

@@ -20,9 +20,9 @@
 //! - tc attach: TCX links on >= 6.6, otherwise the clsact qdisc (`sch_ingress`, 4.5) with a
 //!   `cls_bpf` filter in direct-action mode.
 //! - Same-node socket redirection (optional, [`socket_redirect_missing`] says what is
-//!   missing and the agent runs without it): sock_ops programs 4.13, sk_msg programs 4.17,
+//!   missing and the agent runs without it): `sock_ops` programs 4.13, `sk_msg` programs 4.17,
 //!   the sockhash map with `bpf_sock_hash_update` and `bpf_msg_redirect_hash` 4.18, the ring
-//!   buffer helpers in sock_ops 5.8, a pinnable cgroup `bpf_link` 5.7: 5.8 in all, below
+//!   buffer helpers in `sock_ops` 5.8, a pinnable cgroup `bpf_link` 5.7: 5.8 in all, below
 //!   weft's 5.10 floor, so every kernel weft runs on has it unless the build lacks
 //!   `CONFIG_BPF_STREAM_PARSER` (sockhash) or `CONFIG_CGROUP_BPF`.
 
@@ -425,7 +425,10 @@ mod tests {
         );
         let sock_listed: std::collections::BTreeSet<u32> =
             SOCK_HELPERS.iter().map(|(_, h, _, _)| *h as u32).collect();
-        assert!(!sock_called.is_empty(), "no sock_ops/sk_msg helper calls found");
+        assert!(
+            !sock_called.is_empty(),
+            "no sock_ops/sk_msg helper calls found"
+        );
         assert_eq!(
             sock_called.difference(&sock_listed).collect::<Vec<_>>(),
             Vec::<&u32>::new(),

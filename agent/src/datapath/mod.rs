@@ -89,7 +89,7 @@ pub struct Datapath {
     /// TCX links held open, so that a removed pin never detaches a pod's programs.
     links: BTreeMap<(u32, &'static str), (String, FdLink)>,
     socket_redirect: SocketRedirectState,
-    /// The sock_ops cgroup link, held open like the TCX links.
+    /// The `sock_ops` cgroup link, held open like the TCX links.
     _sock_link: Option<FdLink>,
     _pin_lock: DirLock,
 }
@@ -230,6 +230,9 @@ impl Datapath {
         let stats = stats::StatsHandle::open(&pin_dir.join(map_names::METRICS))?;
         let conntrack_stats = stats::StatsHandle::open(&pin_dir.join(map_names::METRICS))?;
 
+        // After tc is loaded, and never fatal: without it tc enforces as before.
+        let (socket_redirect, sock_link) =
+            sockredirect::setup(&mut ebpf, pin_dir, redirect, &features, verbose);
         let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -247,24 +250,12 @@ impl Datapath {
             nodes_now: BTreeMap::new(),
             policy_now: BTreeMap::new(),
             links: BTreeMap::new(),
-            socket_redirect: SocketRedirectState {
-                on: false,
-                detail: "not set up".into(),
-            },
-            _sock_link: None,
+            socket_redirect,
+            _sock_link: sock_link,
             _pin_lock: pin_lock,
         };
         datapath.read_back()?;
         // After tc is in place, and never fatal: without it tc enforces as before.
-        let (state, link) = sockredirect::setup(
-            &mut datapath.ebpf,
-            pin_dir,
-            redirect,
-            &datapath.features,
-            verbose,
-        );
-        datapath.socket_redirect = state;
-        datapath._sock_link = link;
         datapath.write_redirect_flag()?;
         info!(
             pin_dir = %pin_dir.display(),

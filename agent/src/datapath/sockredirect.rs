@@ -1,7 +1,7 @@
 //! Same-node socket redirection: loads `weft_sk_msg` onto the pinned socket map and
 //! `weft_sock_ops` onto the node's cgroup v2, through a pinned cgroup link, so that the
 //! programs outlive the agent like the tc ones; a restarted agent swaps its programs in
-//! (sk_msg replaces the map's program; sock_ops gets a new link pinned over the old one,
+//! (`sk_msg` replaces the map's program; `sock_ops` gets a new link pinned over the old one,
 //! make before break).
 //!
 //! Never fatal: whatever goes wrong here leaves redirection off, with the reason in `weft
@@ -25,7 +25,7 @@ use super::features::{self, FeatureReport};
 #[derive(Debug, Clone, Default)]
 pub struct SocketRedirectSettings {
     pub enabled: bool,
-    /// The cgroup v2 of the node's pods; `None`: the cgroup2 mount.
+    /// The cgroup v2 of the node's pods; `None`: the `cgroup2` mount.
     pub cgroup: Option<PathBuf>,
 }
 
@@ -47,11 +47,7 @@ impl SocketRedirectState {
 
     /// `on (cgroup /sys/fs/cgroup)` or `off (why)`.
     pub fn line(&self) -> String {
-        format!(
-            "{} ({})",
-            if self.on { "on" } else { "off" },
-            self.detail
-        )
+        format!("{} ({})", if self.on { "on" } else { "off" }, self.detail)
     }
 }
 
@@ -123,7 +119,10 @@ fn attach(ebpf: &mut Ebpf, links: &Path, cgroup: &Path, verbose: bool) -> anyhow
             .map(map_names::SOCKHASH)
             .ok_or_else(|| anyhow!("the eBPF object has no map {}", map_names::SOCKHASH))?;
         let map: SockHash<&MapData, CtKey> = SockHash::try_from(map)?;
-        let map_fd = map.fd().try_clone().context("duplicating the socket map fd")?;
+        let map_fd = map
+            .fd()
+            .try_clone()
+            .context("duplicating the socket map fd")?;
         let program: &mut SkMsg = ebpf
             .program_mut(program_names::SK_MSG)
             .ok_or_else(|| anyhow!("the eBPF object has no program {}", program_names::SK_MSG))?
@@ -186,7 +185,7 @@ fn load(
     }
 }
 
-/// Remove the pinned sock_ops links under `links` except `keep` (their programs detach).
+/// Remove the pinned `sock_ops` links under `links` except `keep` (their programs detach).
 fn remove_links(links: &Path, keep: Option<&Path>) {
     let Ok(entries) = std::fs::read_dir(links) else {
         return;

@@ -10,17 +10,17 @@
 //! returns to the socket path (`SOCK_FALLBACK`): bytes of one direction never take both paths
 //! with the later ones overtaking the earlier ones.
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_INGRESS, sk_action},
+    bindings::{BPF_F_INGRESS, BPF_NOEXIST, sk_action},
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{sk_msg, sock_ops},
     programs::{SkMsgContext, SockOpsContext},
 };
-use aya_ebpf::maps::lpm_trie::Key;
 use weft_common::{
     CT_REFRESH_NS, CtEntry, CtKey, FlowEvent, IPCACHE_KEY_BITS, IPPROTO_TCP, IpcacheEntry,
-    IpcacheKey, config_flags, ct_flags, ct_lifetime_ns, direction,
-    endpoint_flags, event_notes, flow_verdict, ipcache_flags, metrics_slot, verdict,
+    IpcacheKey, config_flags, ct_flags, ct_lifetime_ns, direction, endpoint_flags, event_notes,
+    flow_verdict, ipcache_flags, metrics_slot, verdict,
 };
 
 use crate::{
@@ -67,7 +67,9 @@ fn config() -> (u32, bool) {
 #[inline(always)]
 fn v4_mapped(addr: u32) -> [u8; 16] {
     let a = addr.to_ne_bytes();
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 #[inline(always)]
@@ -234,13 +236,19 @@ fn established(ctx: &SockOpsContext, active: bool) {
         return;
     };
     // SAFETY: value pointers from bpf_map_lookup_elem, valid for this program run.
-    let allowed = unsafe { plainly_allowed(own, revision, now) && plainly_allowed(peer, revision, now) };
+    let allowed =
+        unsafe { plainly_allowed(own, revision, now) && plainly_allowed(peer, revision, now) };
     if !allowed {
         return;
     }
     // SAFETY: the context pointer the kernel passed, valid for this program run.
     let ops = unsafe { &mut *ctx.ops };
-    if SOCKHASH.update(&mut key.0, ops, u64::from(BPF_ANY)).is_err() {
+    // Never over an entry already there: a socket elsewhere with the same 4-tuple (another
+    // namespace of a privileged pod) must not take over a redirected connection's slot.
+    if SOCKHASH
+        .update(&mut key.0, ops, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
         return;
     }
     // SAFETY: as above.
@@ -315,7 +323,9 @@ fn redirect(ctx: &SkMsgContext) -> Option<u32> {
     let now = clock();
     // SAFETY: a value pointer from bpf_map_lookup_elem, valid for this program run.
     let allowed = on
-        && unsafe { plainly_allowed(own, revision, now) && (*own).flags & ct_flags::SOCK_REDIRECT != 0 };
+        && unsafe {
+            plainly_allowed(own, revision, now) && (*own).flags & ct_flags::SOCK_REDIRECT != 0
+        };
     if !allowed {
         fall_back(own);
         return None;
