@@ -14,6 +14,16 @@ use weft_tests::{Node, Pod, TestPrefix, eventually, eventually_within, policy_ya
 
 const PEER: &str = include_str!("../fixtures/sockpeer.py");
 const PORT: u16 = 8181;
+
+/// The system's Python: a version manager's shim in `PATH` costs seconds per start on a busy
+/// machine.
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
 const RST_PORT: u16 = 8182;
 
 /// One node, pods `server`, `client`, `other` of namespace `shop`, a Python echo server in
@@ -40,7 +50,7 @@ fn setup(test: &str) -> Option<Setup> {
     let other = node.add_pod("other", "shop", &[("app", "other")]);
     for port in [PORT, RST_PORT] {
         let mode = if port == PORT { "serve" } else { "serve-rst" };
-        server.spawn("python3", &["-c", PEER, mode, &port.to_string()]);
+        server.spawn(python(), &["-c", PEER, mode, &port.to_string()]);
     }
     let addr = server.ipv4;
     eventually("the echo servers listen", || {
@@ -66,7 +76,7 @@ fn setup(test: &str) -> Option<Setup> {
 fn peer(pod: &Pod, args: &[&str]) -> (bool, String) {
     let mut all = vec!["-c", PEER];
     all.extend_from_slice(args);
-    let out = pod.exec("python3", &all);
+    let out = pod.exec(python(), &all);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -163,7 +173,7 @@ impl Drop for Background {
 }
 
 fn stream(node: &Node, from: &Pod, to: &Pod, secs: u32, name: &str) -> Background {
-    let mut cmd = from.command("python3");
+    let mut cmd = from.command(python());
     cmd.args([
         "-c",
         PEER,
@@ -253,7 +263,7 @@ fn same_node_transfer_is_redirected_both_ways_without_payload_on_the_veths() {
     let out = s
         .client
         .netns()
-        .command("python3")
+        .command(python())
         .args([
             "-c",
             PEER,
