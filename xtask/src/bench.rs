@@ -339,7 +339,7 @@ impl Setup {
             }
             Config::Weft => setup.apply_weft_policy()?,
             Config::WeftSockmap => {
-                let text = setup.apply_weft_policy()?;
+                setup.apply_weft_policy()?;
                 let status = setup.node.weft_ok(&["status"]);
                 let line = status
                     .lines()
@@ -351,8 +351,10 @@ impl Setup {
                     "weft+sock needs socket redirection: {line}"
                 );
                 format!(
-                    "{}weft+sock: the same, with same-node socket redirection; {line};                      netperf runs in the node's cgroup\n",
-                    text.replacen("weft    :", "          ", 1)
+                    "weft+sock: weft's policy, with same-node socket redirection (weft runs with \
+                     --socket-redirect false); netperf in the node's cgroup\n\
+                     \x20         {}\n",
+                    line.split_whitespace().collect::<Vec<_>>().join(" ")
                 )
             }
             Config::Iptables => setup.apply_iptables()?,
