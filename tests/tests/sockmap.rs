@@ -459,10 +459,39 @@ fn an_agent_restart_keeps_redirection() {
     eventually("the stream is redirected", || {
         client.echoed() > 0 && stat(&s.node, "messages") > 0
     });
-    s.node.restart_agent();
+    // Killed (no clean exit): the pinned cgroup link keeps sock_ops attached meanwhile.
+    s.node.kill_agent();
+    let cgroup = s.node.cgroup().expect("the node has a cgroup").to_owned();
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cgroup)
+        .output()
+        .expect("bpftool runs");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("sock_ops"),
+        "sock_ops stays attached while the agent is down: {shown}"
+    );
+    let echoed = client.echoed();
+    eventually("the stream goes on while the agent is down", || {
+        client.echoed() > echoed
+    });
+    s.node.start_agent();
     let (echoed, messages) = (client.echoed(), stat(&s.node, "messages"));
     eventually("the stream goes on, still redirected", || {
         client.echoed() > echoed && stat(&s.node, "messages") > messages
+    });
+    eventually("one sock_ops program on the cgroup after the swap", || {
+        let out = Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&cgroup)
+            .output()
+            .expect("bpftool runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("sock_ops"))
+            .count()
+            == 1
     });
     let sockets = stat(&s.node, "sockets");
     let (ok, out) = xfer(&s.other, &s.server, 1 << 20);

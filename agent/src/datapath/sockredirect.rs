@@ -54,6 +54,11 @@ impl SocketRedirectState {
 const LINK_PREFIX: &str = "sockops-";
 const TMP_PREFIX: &str = "sockopsnew-";
 
+/// Whether `name` (a file under the pin directory's `links/`) is a `sock_ops` link pin.
+pub(super) fn is_link_pin(name: &str) -> bool {
+    name.starts_with(LINK_PREFIX) || name.starts_with(TMP_PREFIX)
+}
+
 /// Set up redirection as `settings` ask, returning what it came to and the cgroup link to
 /// hold while the agent runs.
 pub(super) fn setup(
@@ -194,9 +199,7 @@ fn remove_links(links: &Path, keep: Option<&Path>) {
         let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if (name.starts_with(LINK_PREFIX) || name.starts_with(TMP_PREFIX))
-            && Some(path.as_path()) != keep
-        {
+        if is_link_pin(&name) && Some(path.as_path()) != keep {
             match std::fs::remove_file(&path) {
                 Ok(()) => info!(pin = %path.display(), "removed sock_ops link"),
                 Err(e) => warn!(pin = %path.display(), "cannot remove sock_ops link: {e}"),
