@@ -89,8 +89,8 @@ pub struct Datapath {
     /// TCX links held open, so that a removed pin never detaches a pod's programs.
     links: BTreeMap<(u32, &'static str), (String, FdLink)>,
     socket_redirect: SocketRedirectState,
-    /// The `sock_ops` cgroup link, held open like the TCX links.
-    _sock_link: Option<FdLink>,
+    /// The `sock_ops` cgroup link and its pin, held open like the TCX links.
+    sock_link: Option<(PathBuf, FdLink)>,
     _pin_lock: DirLock,
 }
 
@@ -251,7 +251,7 @@ impl Datapath {
             policy_now: BTreeMap::new(),
             links: BTreeMap::new(),
             socket_redirect,
-            _sock_link: sock_link,
+            sock_link,
             _pin_lock: pin_lock,
         };
         datapath.read_back()?;
@@ -614,6 +614,27 @@ impl Datapath {
                      program stays attached while this agent runs)",
                     key.1
                 )),
+            }
+        }
+        if let Some((pin, link)) = self.sock_link.take() {
+            if attach::pinned_link_is(&pin, &link) {
+                self.sock_link = Some((pin, link));
+            } else {
+                let _ = std::fs::remove_file(&pin);
+                match attach::pin_link(link, &pin) {
+                    Ok(link) => {
+                        findings.push(
+                            "the sock_ops link pin was removed or replaced by someone else: \
+                             pinned again (the program never left the cgroup)"
+                                .to_owned(),
+                        );
+                        self.sock_link = Some((pin, link));
+                    }
+                    Err(e) => findings.push(format!(
+                        "the sock_ops link pin is gone and cannot be restored: {e:#} (socket \
+                         redirection stays attached while this agent runs)"
+                    )),
+                }
             }
         }
         findings.extend(self.verify_contents(deep));

@@ -67,7 +67,7 @@ pub(super) fn setup(
     settings: &SocketRedirectSettings,
     report: &FeatureReport,
     verbose: bool,
-) -> (SocketRedirectState, Option<FdLink>) {
+) -> (SocketRedirectState, Option<(PathBuf, FdLink)>) {
     let links = pin_dir.join("links");
     if !settings.enabled {
         remove_links(&links, None);
@@ -111,7 +111,12 @@ pub(super) fn setup(
     }
 }
 
-fn attach(ebpf: &mut Ebpf, links: &Path, cgroup: &Path, verbose: bool) -> anyhow::Result<FdLink> {
+fn attach(
+    ebpf: &mut Ebpf,
+    links: &Path,
+    cgroup: &Path,
+    verbose: bool,
+) -> anyhow::Result<(PathBuf, FdLink)> {
     let cgroup_dir = std::fs::File::open(cgroup)
         .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     let inode = cgroup_dir
@@ -163,7 +168,7 @@ fn attach(ebpf: &mut Ebpf, links: &Path, cgroup: &Path, verbose: bool) -> anyhow
     std::fs::rename(&tmp, &pin).context("moving the sock_ops link pin in place")?;
     // Links of another cgroup (the node's cgroup changed) go.
     remove_links(links, Some(&pin));
-    Ok(FdLink::from(pinned))
+    Ok((pin, FdLink::from(pinned)))
 }
 
 fn load(
