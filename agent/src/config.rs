@@ -42,6 +42,10 @@ pub struct Config {
     pub l7_binary: PathBuf,
     /// Port of the L7 filter's transparent listener (on 127.0.0.1).
     pub l7_port: u16,
+    /// Same-node socket redirection (`sock_ops` + `sk_msg`), where the kernel has what it needs.
+    pub socket_redirect: bool,
+    /// The cgroup v2 holding the node's pods (default: the `cgroup2` mount).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// How pod traffic to other nodes travels.

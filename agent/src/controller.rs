@@ -671,6 +671,7 @@ impl Controller {
             attach_mode: self.datapath.attach_mode().name().to_owned(),
             variant: self.datapath.variant().name().to_owned(),
             features: self.datapath.features().clone(),
+            socket_redirect: self.datapath.socket_redirect().line(),
             config_revision: self.config_revision,
             applied_revision: self.applied_revision,
             datapath_revision: self.datapath.revision(),

@@ -45,8 +45,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // One node, one agent: the state directory first (its lock file names the holder),
     // then the pin directory (inside `Datapath::load`).
     let _state_lock = DirLock::acquire(&cfg.state_dir, "agent.lock")?;
-    let (datapath, channels) =
-        Datapath::load(&cfg.bpffs_dir, cfg.verbose, cfg.conntrack_max_entries)?;
+    let (datapath, channels) = Datapath::load(
+        &cfg.bpffs_dir,
+        cfg.verbose,
+        cfg.conntrack_max_entries,
+        &datapath::SocketRedirectSettings {
+            enabled: cfg.socket_redirect,
+            cgroup: cfg.cgroup.clone(),
+        },
+    )?;
     let mut source = LocalSource::new(&cfg.source_dir, &cfg.state_dir)?;
     let wireguard_key = match cfg.encryption {
         EncryptionMode::Off => None,

@@ -231,6 +231,7 @@ fn enrich(r: &FlowRecord, names: &Names, wall_offset: Duration) -> Flow {
         (r.related, "related"),
         (r.revoked, "revoked"),
         (r.fragment, "fragment"),
+        (r.redirected, "redirected"),
     ] {
         if set {
             notes.push(note.to_owned());

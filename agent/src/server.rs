@@ -487,6 +487,13 @@ async fn status(api: &Api) -> Result<StatusReport, ApiError> {
             })
             .collect(),
         l7_filter: api.l7.load().as_ref().clone(),
+        socket_redirect: view.socket_redirect.clone(),
+        sock_redirect: weft_api::report::SockRedirectStats {
+            sockets: counters.sock_redirect_sockets,
+            messages: counters.sock_redirect_msgs,
+            bytes: counters.sock_redirect_bytes,
+            fallbacks: counters.sock_redirect_fallbacks,
+        },
     })
 }
 

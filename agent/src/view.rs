@@ -30,6 +30,8 @@ pub struct View {
     pub attach_mode: String,
     pub variant: String,
     pub features: FeatureReport,
+    /// `on (cgroup ...)` or `off (why)`: same-node socket redirection.
+    pub socket_redirect: String,
     /// One step per change of the configuration (source objects, endpoints).
     pub config_revision: u64,
     /// The configuration revision the maps hold.
@@ -82,6 +84,7 @@ impl View {
                 attach_mode: String::new(),
                 features: Vec::new(),
             },
+            socket_redirect: String::new(),
             config_revision: 0,
             applied_revision: 0,
             datapath_revision: 0,

@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+mod cgroup;
 mod cluster;
 mod netns;
 mod node;

@@ -58,6 +58,10 @@ pub(crate) struct NodeInfo {
     pub source_dir: PathBuf,
     pub ipam_dir: PathBuf,
     pub socket: PathBuf,
+    /// The node's cgroup v2 (as kubelet's `kubepods`): every process the harness starts in
+    /// one of its pods runs in it, and its agent attaches `sock_ops` there. `None` where the
+    /// machine has no cgroup v2.
+    pub cgroup: Option<PathBuf>,
     pub bin_dir: PathBuf,
     /// Network namespaces of this node's live pods, removed with the node if still there.
     pub pods: Mutex<BTreeSet<String>>,
@@ -136,6 +140,7 @@ impl Node {
                 .unwrap_or_else(|| dir.join("source")),
             ipam_dir: dir.join("ipam"),
             socket: dir.join("agent.sock"),
+            cgroup: crate::cgroup::create(&full),
             bin_dir: bin_dir(),
             pods: Mutex::new(BTreeSet::new()),
             dir: dir.clone(),
@@ -198,6 +203,11 @@ impl Node {
 
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// The node's cgroup v2 (see [`NodeInfo::cgroup`]).
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.info.cgroup.as_deref()
     }
 
     pub fn bpffs_dir(&self) -> &Path {
@@ -317,6 +327,10 @@ impl Node {
         ] {
             args.push(flag.to_string());
             args.push(path.display().to_string());
+        }
+        if let Some(cgroup) = &self.info.cgroup {
+            args.push("--cgroup".to_owned());
+            args.push(cgroup.display().to_string());
         }
         args.extend(self.extra_args.iter().cloned());
         args
@@ -562,6 +576,9 @@ impl Drop for Node {
             delete_netns(&pod_ns);
         }
         drop(self.netns.take());
+        if let Some(cgroup) = &self.info.cgroup {
+            crate::cgroup::remove(cgroup);
+        }
         // A SIGKILLed agent's WireGuard device leaves its UAPI socket file behind.
         let _ = fs::remove_file(self.wg_socket());
         if self.bpffs_dir.exists()

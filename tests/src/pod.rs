@@ -178,15 +178,37 @@ impl Pod {
         &self.container_id
     }
 
-    /// Run `program args` inside the pod's namespace.
+    /// A command that runs `program` inside the pod: its network namespace, and its node's
+    /// cgroup (where kubelet would put it; the node's `sock_ops` program sees its sockets).
+    pub fn command(&self, program: &str) -> Command {
+        let Some(cgroup) = &self.node.cgroup else {
+            return self.netns().command(program);
+        };
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"echo $$ > "$0/cgroup.procs" && exec "$@""#,
+            &cgroup.display().to_string(),
+            "ip",
+            "netns",
+            "exec",
+            &self.netns_name,
+            program,
+        ]);
+        cmd
+    }
+
+    /// Run `program args` inside the pod (see [`Pod::command`]).
     pub fn exec(&self, program: &str, args: &[&str]) -> Output {
-        self.netns().exec(program, args)
+        self.command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program} in pod {}: {e}", self.name))
     }
 
     /// Start a long-running process inside the pod; it is killed when the pod drops.
     pub fn spawn(&self, program: &str, args: &[&str]) {
         let child = self
-            .netns()
             .command(program)
             .args(args)
             .stdin(Stdio::null())

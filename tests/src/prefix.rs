@@ -176,6 +176,20 @@ pub fn sweep_stale() -> Vec<String> {
             }
         }
     }
+    if let Some(root) = crate::cgroup::mount()
+        && let Ok(entries) = fs::read_dir(&root)
+    {
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            if file_name
+                .strip_prefix(crate::cgroup::PREFIX)
+                .is_some_and(&stale)
+            {
+                crate::cgroup::remove(&entry.path());
+                removed.push(entry.path().display().to_string());
+            }
+        }
+    }
     // Owner files of dead processes.
     if let Ok(entries) = fs::read_dir(OWNERS_DIR) {
         for entry in entries.flatten() {
@@ -232,6 +246,7 @@ pub fn remove_prefix(prefix: &str, dirs: &[&std::path::Path]) -> Vec<String> {
         }
     }
     let _ = fs::remove_dir("/sys/fs/bpf/weft");
+    removed.extend(crate::cgroup::sweep(&format!("{prefix}-")));
     // WireGuard UAPI sockets of killed agents (`weft-<node>.sock`, nodes carry the prefix).
     if let Ok(entries) = fs::read_dir("/var/run/wireguard") {
         for entry in entries.flatten() {

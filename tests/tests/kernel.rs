@@ -84,8 +84,22 @@ fn status_reports_kernel_features() {
         feature(&status, "bpf_ktime_get_coarse_ns")["available"],
         major_minor(&release) >= (5, 11)
     );
-    // Reported, not required (socket acceleration comes later).
-    assert_eq!(feature(&status, "sk_msg")["required"], false);
+    // Socket redirection's features: optional, and all there on every kernel weft runs on
+    // (5.8 is the newest of them), so redirection is on.
+    for name in [
+        "sock_ops programs",
+        "sk_msg programs",
+        "sockhash map",
+        "bpf_sock_hash_update",
+        "bpf_msg_redirect_hash",
+    ] {
+        let f = feature(&status, name);
+        assert_eq!(f["required"], false, "{f}");
+        assert_eq!(f["available"], true, "{f}");
+    }
+    let redirect = status["socket_redirect"].as_str().expect("socket_redirect");
+    assert!(redirect.starts_with("on ("), "{redirect}");
+    assert!(text.contains("Socket redirect: on ("), "{text}");
 }
 
 #[test]

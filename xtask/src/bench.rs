@@ -128,19 +128,33 @@ impl Pinning {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Config {
     NoMesh,
+    /// weft with its local delivery only (`--socket-redirect false`).
     Weft,
     Iptables,
+    /// weft with same-node socket redirection (`sock_ops` + `sk_msg`); the client runs in the
+    /// node's cgroup, as a pod would.
+    WeftSockmap,
 }
 
 impl Config {
-    const ALL: [Config; 3] = [Config::NoMesh, Config::Weft, Config::Iptables];
+    const ALL: [Config; 4] = [
+        Config::NoMesh,
+        Config::Weft,
+        Config::Iptables,
+        Config::WeftSockmap,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Config::NoMesh => "no-mesh",
             Config::Weft => "weft",
             Config::Iptables => "iptables",
+            Config::WeftSockmap => "weft+sock",
         }
+    }
+
+    fn is_weft(self) -> bool {
+        matches!(self, Config::Weft | Config::WeftSockmap)
     }
 
     /// Short tag for node and pod names (a pod's netns is `<prefix>-<pod>`, at most 15 chars).
@@ -149,6 +163,7 @@ impl Config {
             Config::NoMesh => "nm",
             Config::Weft => "wf",
             Config::Iptables => "ip",
+            Config::WeftSockmap => "ws",
         }
     }
 }
@@ -292,8 +307,12 @@ impl Setup {
         let tag = config.tag();
         let client_labels = [("app", "bench-client")];
         let server_labels = [("app", "bench-server")];
-        let (node, server, client) = if config == Config::Weft {
-            let node = Node::start(prefix, tag);
+        let (node, server, client) = if config.is_weft() {
+            let node = if config == Config::Weft {
+                Node::start_with_args(prefix, tag, &["--socket-redirect", "false"])
+            } else {
+                Node::start(prefix, tag)
+            };
             let server = node.add_pod(&format!("srv-{tag}"), NAMESPACE, &server_labels);
             let client = node.add_pod(&format!("cli-{tag}"), NAMESPACE, &client_labels);
             (node, server, client)
@@ -319,6 +338,25 @@ impl Setup {
                     .to_string()
             }
             Config::Weft => setup.apply_weft_policy()?,
+            Config::WeftSockmap => {
+                setup.apply_weft_policy()?;
+                let status = setup.node.weft_ok(&["status"]);
+                let line = status
+                    .lines()
+                    .find(|l| l.starts_with("Socket redirect:"))
+                    .unwrap_or("Socket redirect: (not reported)")
+                    .to_owned();
+                ensure!(
+                    line.contains(": on"),
+                    "weft+sock needs socket redirection: {line}"
+                );
+                format!(
+                    "weft+sock: weft's policy, with same-node socket redirection (weft runs with \
+                     --socket-redirect false); netperf in the node's cgroup\n\
+                     \x20         {}\n",
+                    line.split_whitespace().collect::<Vec<_>>().join(" ")
+                )
+            }
             Config::Iptables => setup.apply_iptables()?,
         };
         setup.start_netserver()?;
@@ -506,7 +544,12 @@ impl Setup {
 
     fn netperf_once(&self, test: Test, pinning: Pinning, seconds: u32) -> anyhow::Result<Sample> {
         let server = self.server.ipv4.to_string();
-        let mut cmd = self.client.netns().command("netperf");
+        // In the node's cgroup (as a pod) only where sock_ops should see the client.
+        let mut cmd = if self.config == Config::WeftSockmap {
+            self.client.command("netperf")
+        } else {
+            self.client.netns().command("netperf")
+        };
         cmd.args(["-H", &server, "-p", &CONTROL_PORT.to_string()])
             .args(["-t", test.netperf_name(), "-l", &seconds.to_string()])
             .args(["-T", pinning.cpus(), "-P", "0", "--"])
@@ -545,15 +588,17 @@ impl Setup {
     fn after_run(&self) -> anyhow::Result<String> {
         match self.config {
             Config::NoMesh => Ok(String::new()),
-            Config::Weft => {
+            Config::Weft | Config::WeftSockmap => {
                 let status: serde_json::Value =
                     serde_json::from_str(&self.node.weft_ok(&["-o", "json", "status"]))?;
                 Ok(format!(
-                    "weft after the run: policy_map_entries {}, ipcache_entries {}, \
-                     conntrack_entries {}\n",
+                    "{} after the run: policy_map_entries {}, ipcache_entries {}, \
+                     conntrack_entries {}, socket redirect {}\n",
+                    self.config,
                     status["policy_map_entries"],
                     status["ipcache_entries"],
-                    status["conntrack_entries"]
+                    status["conntrack_entries"],
+                    status["sock_redirect"]
                 ))
             }
             Config::Iptables => {
@@ -827,6 +872,49 @@ fn report(
                     ok,
                 ));
             }
+        }
+    }
+    for (test, pinning) in cells {
+        let med = |c: Config| {
+            median(&throughputs(
+                &results
+                    .get(&(*test, *pinning, c))
+                    .cloned()
+                    .unwrap_or_default(),
+            ))
+        };
+        let (Some(base), Some(weft), Some(sock)) = (
+            med(Config::NoMesh),
+            med(Config::Weft),
+            med(Config::WeftSockmap),
+        ) else {
+            continue;
+        };
+        // Issue 12's targets for socket redirection.
+        let targets: &[(&str, f64, f64)] = match test {
+            Test::Rr => &[("no-mesh", base, 1.6), ("weft", weft, 1.4)],
+            Test::Stream => &[("no-mesh", base, 2.0)],
+            Test::Crr => &[("weft", weft, 0.95)],
+            Test::PolicyScale => &[],
+        };
+        for (name, against, target) in targets {
+            let ratio = sock / against;
+            let ok = ratio >= *target;
+            let line = format!(
+                "weft+sock/{name} {ratio:.4} vs target >= {target:.2}: {}",
+                if ok { "HOLDS" } else { "MISSED" }
+            );
+            let _ = writeln!(
+                out,
+                "  {} {}: {line}",
+                test.netperf_name(),
+                pinning.describe()
+            );
+            verdicts.push((
+                format!("{} {}", test.netperf_name(), pinning.describe()),
+                line,
+                ok,
+            ));
         }
     }
     let held = verdicts.iter().filter(|v| v.2).count();

@@ -26,7 +26,8 @@ pub struct Flow {
     /// For ICMP: `type/code`.
     pub icmp: Option<String>,
     /// What else the datapath said about the packet: `related` (an ICMP error of a known
-    /// flow), `revoked` (an established flow that policy no longer allows), `fragment`.
+    /// flow), `revoked` (an established flow that policy no longer allows), `fragment`, `redirected` (a same-node
+    /// TCP socket whose payload goes socket to socket).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
     /// Events of the same flow the datapath did not send since the previous one (drop floods

@@ -58,6 +58,23 @@ pub struct StatusReport {
     /// The node's L7 filter process.
     #[serde(default)]
     pub l7_filter: L7FilterReport,
+    /// Same-node socket redirection: `on (cgroup ...)` or `off (why)`.
+    #[serde(default)]
+    pub socket_redirect: String,
+    #[serde(default)]
+    pub sock_redirect: SockRedirectStats,
+}
+
+/// Same-node socket redirection counters since load.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SockRedirectStats {
+    /// Sockets put on the socket path (two per connection).
+    pub sockets: u64,
+    /// Messages and bytes handed from socket to socket.
+    pub messages: u64,
+    pub bytes: u64,
+    /// Connection sides sent back to the normal path (policy changed, peer gone).
+    pub fallbacks: u64,
 }
 
 /// The node's L7 filter as its supervisor in the agent sees it.

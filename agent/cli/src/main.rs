@@ -503,6 +503,16 @@ fn print_status(s: &StatusReport) {
     if !s.encryption.is_empty() {
         println!("Encryption:      {}", s.encryption);
     }
+    if !s.socket_redirect.is_empty() {
+        println!("Socket redirect: {}", s.socket_redirect);
+        let r = &s.sock_redirect;
+        if r.sockets + r.messages + r.fallbacks > 0 {
+            println!(
+                "                 {} sockets, {} messages ({} bytes) redirected, {} sent back to the normal path",
+                r.sockets, r.messages, r.bytes, r.fallbacks
+            );
+        }
+    }
     let maps: Vec<String> = s
         .maps
         .iter()

@@ -91,6 +91,14 @@ struct Args {
     /// Port of the L7 filter's transparent listener on 127.0.0.1.
     #[arg(long, default_value_t = 15001)]
     l7_port: u16,
+    /// Redirect the payload of allowed same-node TCP connections from socket to socket
+    /// (`sock_ops` + `sk_msg`); on by default where the kernel has what it needs.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_redirect: bool,
+    /// The cgroup v2 directory that holds the node's pods (the `sock_ops` program attaches
+    /// there; default: where `cgroup2` is mounted, e.g. /sys/fs/cgroup).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -157,6 +165,8 @@ fn main() -> anyhow::Result<()> {
             .l7_binary
             .unwrap_or_else(weft_agent::l7::Settings::default_binary),
         l7_port: args.l7_port,
+        socket_redirect: args.socket_redirect,
+        cgroup: args.cgroup,
         node,
     };
     tokio::runtime::Builder::new_multi_thread()

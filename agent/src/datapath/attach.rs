@@ -344,7 +344,8 @@ pub(super) fn prune_links(pin_dir: &Path, keep: &[(String, u32)]) -> anyhow::Res
                 .iter()
                 .any(|(prog, _)| name == format!("{ifindex}-{ifname}-{prog}"))
         });
-        if wanted || interface_exists(&name) {
+        // The socket redirection's cgroup link is not a pod's (the datapath manages it).
+        if wanted || interface_exists(&name) || super::sockredirect::is_link_pin(&name) {
             continue;
         }
         std::fs::remove_file(entry.path())

@@ -31,6 +31,10 @@ impl FlowVerdict {
 
 /// One flow event, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "each flag is one note of the event, as the datapath sets them"
+)]
 pub struct FlowRecord {
     /// Monotonic time of the packet (the datapath's clock), ns.
     pub monotonic_ns: u64,
@@ -54,6 +58,8 @@ pub struct FlowRecord {
     pub related: bool,
     pub revoked: bool,
     pub fragment: bool,
+    /// A same-node TCP socket put on the socket path (its payload skips the veths).
+    pub redirected: bool,
     /// Drop events of this flow the datapath held back since the previous one.
     pub suppressed: u32,
     /// The remote side's node (datapath node id), 0 for none.
@@ -98,6 +104,7 @@ pub fn decode(bytes: &[u8]) -> Option<FlowRecord> {
         related: e.notes & event_notes::RELATED != 0,
         revoked: e.notes & event_notes::REVOKED != 0,
         fragment: e.notes & event_notes::FRAGMENT != 0,
+        redirected: e.notes & event_notes::SOCK_REDIRECT != 0,
         suppressed: e.suppressed,
         remote_node_id: e.remote_node_id,
     })

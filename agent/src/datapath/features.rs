@@ -19,6 +19,12 @@
 //!   has it; on 5.10 the programs read `bpf_ktime_get_ns` instead (chosen at load time).
 //! - tc attach: TCX links on >= 6.6, otherwise the clsact qdisc (`sch_ingress`, 4.5) with a
 //!   `cls_bpf` filter in direct-action mode.
+//! - Same-node socket redirection (optional, [`socket_redirect_missing`] says what is
+//!   missing and the agent runs without it): `sock_ops` programs 4.13, `sk_msg` programs 4.17,
+//!   the sockhash map with `bpf_sock_hash_update` and `bpf_msg_redirect_hash` 4.18, the ring
+//!   buffer helpers in `sock_ops` 5.8, a pinnable cgroup `bpf_link` 5.7: 5.8 in all, below
+//!   weft's 5.10 floor, so every kernel weft runs on has it unless the build lacks
+//!   `CONFIG_BPF_STREAM_PARSER` (sockhash) or `CONFIG_CGROUP_BPF`.
 
 use std::path::Path;
 
@@ -105,6 +111,121 @@ pub(super) const TC_HELPERS: &[(BpfHelper, &str, &str)] = &[
     ),
 ];
 
+/// Helpers `weft_sock_ops` and `weft_sk_msg` call, with the first Linux release that offers
+/// each to those program types (the ring buffer helpers came to every program type with the
+/// ring buffer). Same-node socket redirection runs only where all of them are there.
+pub(super) const SOCK_HELPERS: &[(ProgramType, BpfHelper, &str, &str)] = &[
+    (
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_map_lookup_elem,
+        "bpf_map_lookup_elem (sock_ops)",
+        "4.13",
+    ),
+    (
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_sock_hash_update,
+        "bpf_sock_hash_update",
+        "4.18",
+    ),
+    (
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_ringbuf_output,
+        "bpf_ringbuf_output (sock_ops)",
+        "5.8",
+    ),
+    (
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_ringbuf_query,
+        "bpf_ringbuf_query (sock_ops)",
+        "5.8",
+    ),
+    (
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_ktime_get_ns,
+        "bpf_ktime_get_ns (sock_ops)",
+        "4.13",
+    ),
+    (
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_ktime_get_coarse_ns,
+        COARSE_SOCK_OPS,
+        "5.11",
+    ),
+    (
+        ProgramType::SkMsg,
+        BpfHelper::BPF_FUNC_ktime_get_coarse_ns,
+        COARSE_SK_MSG,
+        "5.11",
+    ),
+    (
+        ProgramType::SkMsg,
+        BpfHelper::BPF_FUNC_map_lookup_elem,
+        "bpf_map_lookup_elem (sk_msg)",
+        "4.17",
+    ),
+    (
+        ProgramType::SkMsg,
+        BpfHelper::BPF_FUNC_msg_redirect_hash,
+        "bpf_msg_redirect_hash",
+        "4.18",
+    ),
+    (
+        ProgramType::SkMsg,
+        BpfHelper::BPF_FUNC_ktime_get_ns,
+        "bpf_ktime_get_ns (sk_msg)",
+        "4.17",
+    ),
+];
+
+/// Optional like the tc programs' coarse clock (the same load-time switch picks the clock).
+const COARSE_SOCK_OPS: &str = "bpf_ktime_get_coarse_ns (sock_ops)";
+const COARSE_SK_MSG: &str = "bpf_ktime_get_coarse_ns (sk_msg)";
+
+/// Names of the features same-node socket redirection needs (none of them required to run).
+pub(super) const SOCKET_REDIRECT_PROGRAMS: [&str; 3] =
+    ["sock_ops programs", "sk_msg programs", "sockhash map"];
+
+/// The probes of what socket redirection needs: program and map types and helpers.
+fn socket_redirect_features() -> Vec<Feature> {
+    use FeatureKind::{Helper, Map, Program};
+    let note = "socket redirect (optional)";
+    let mut features = vec![
+        Feature::new(SOCKET_REDIRECT_PROGRAMS[0], Program, false, "4.13")
+            .with_probe(is_program_supported(ProgramType::SockOps))
+            .with_detail(note),
+        Feature::new(SOCKET_REDIRECT_PROGRAMS[1], Program, false, "4.17")
+            .with_probe(is_program_supported(ProgramType::SkMsg))
+            .with_detail(note),
+        Feature::new(SOCKET_REDIRECT_PROGRAMS[2], Map, false, "4.18")
+            .with_probe(is_map_supported(MapType::SockHash))
+            .with_detail(note),
+    ];
+    for (program_type, helper, name, min) in SOCK_HELPERS {
+        features.push(
+            Feature::new(name, Helper, false, min)
+                .with_probe(is_helper_supported(*program_type, *helper))
+                .with_detail(note),
+        );
+    }
+    features
+}
+
+/// What the kernel lacks for socket redirection, one phrase per feature (empty: nothing).
+pub(super) fn socket_redirect_missing(report: &FeatureReport) -> Vec<String> {
+    let wanted: Vec<&str> = SOCKET_REDIRECT_PROGRAMS
+        .iter()
+        .copied()
+        .chain(SOCK_HELPERS.iter().map(|(_, _, name, _)| *name))
+        .filter(|name| ![COARSE_SOCK_OPS, COARSE_SK_MSG].contains(name))
+        .collect();
+    report
+        .features
+        .iter()
+        .filter(|f| wanted.contains(&f.name.as_str()) && !f.available)
+        .map(|f| format!("{} (Linux {})", f.name, f.min_kernel))
+        .collect()
+}
+
 /// Name and minimum kernel of helper number `id`, when it is one weft uses.
 pub(super) fn helper_by_id(id: u32) -> Option<(&'static str, &'static str)> {
     TC_HELPERS
@@ -142,7 +263,7 @@ const TCX_MIN_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
 /// Probe everything the datapath uses. Each probe loads a two-instruction program or creates
 /// a one-entry map (or a throwaway network namespace for the clsact qdisc): milliseconds.
 pub(super) fn probe(attach_mode: AttachMode) -> FeatureReport {
-    use FeatureKind::{Helper, Kernel, Map, Program};
+    use FeatureKind::{Helper, Kernel, Map};
     let aya_features = aya::features();
     let mut features = vec![
         probe_syscall(),
@@ -171,16 +292,7 @@ pub(super) fn probe(attach_mode: AttachMode) -> FeatureReport {
         features.push(feature);
     }
     features.push(probe_attach(attach_mode));
-    for (name, program_type, min) in [
-        ("sk_msg", ProgramType::SkMsg, "4.17"),
-        ("sock_ops", ProgramType::SockOps, "4.13"),
-    ] {
-        features.push(
-            Feature::new(name, Program, false, min)
-                .with_probe(is_program_supported(program_type))
-                .with_detail("not used yet"),
-        );
-    }
+    features.extend(socket_redirect_features());
     FeatureReport {
         kernel: kernel_release(),
         attach_mode: attach_mode.name().to_owned(),
@@ -285,10 +397,13 @@ mod tests {
         use object::{Object, ObjectSection, SectionKind};
         let file = object::File::parse(super::super::EBPF_OBJECT).expect("the eBPF object parses");
         let mut called = std::collections::BTreeSet::new();
+        let mut sock_called = std::collections::BTreeSet::new();
         for section in file.sections() {
             if section.kind() != SectionKind::Text {
                 continue;
             }
+            let sock = matches!(section.name(), Ok("sockops" | "sk_msg"));
+            let called = if sock { &mut sock_called } else { &mut called };
             let code = section.data().expect("section data");
             for insn in code.chunks_exact(8) {
                 // BPF_JMP | BPF_CALL with src_reg 0: a helper call; the id is the immediate.
@@ -307,6 +422,44 @@ mod tests {
             called.difference(&listed).collect::<Vec<_>>(),
             Vec::<&u32>::new(),
             "helpers the object calls that TC_HELPERS does not list (and so are not probed)"
+        );
+        let sock_listed: std::collections::BTreeSet<u32> =
+            SOCK_HELPERS.iter().map(|(_, h, _, _)| *h as u32).collect();
+        assert!(
+            !sock_called.is_empty(),
+            "no sock_ops/sk_msg helper calls found"
+        );
+        assert_eq!(
+            sock_called.difference(&sock_listed).collect::<Vec<_>>(),
+            Vec::<&u32>::new(),
+            "helpers sock_ops/sk_msg call that SOCK_HELPERS does not list"
+        );
+    }
+
+    #[test]
+    fn socket_redirect_names_what_the_kernel_lacks_and_ignores_the_optional_clock() {
+        let mut report = FeatureReport {
+            kernel: "5.10.0".into(),
+            attach_mode: "netlink".into(),
+            features: socket_redirect_features(),
+        };
+        for f in &mut report.features {
+            f.available = true;
+        }
+        for f in &mut report.features {
+            if f.name.starts_with("bpf_ktime_get_coarse_ns") {
+                f.available = false;
+            }
+        }
+        assert!(socket_redirect_missing(&report).is_empty());
+        for f in &mut report.features {
+            if f.name == "sockhash map" {
+                f.available = false;
+            }
+        }
+        assert_eq!(
+            socket_redirect_missing(&report),
+            vec!["sockhash map (Linux 4.18)".to_owned()]
         );
     }
 

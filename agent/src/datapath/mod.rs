@@ -20,6 +20,7 @@ pub mod conntrack;
 pub mod desired;
 pub mod events;
 mod features;
+mod sockredirect;
 pub mod stats;
 mod steering;
 mod verifier;
@@ -42,6 +43,7 @@ pub use abi::{addr_bytes, addr_from_bytes};
 pub use attach::AttachMode;
 pub use desired::{Capacity, ClusterSpec, Desired, EndpointSpec, IpcacheSpec, NodeSpec, Place};
 pub use features::{Feature, FeatureKind, FeatureReport};
+pub use sockredirect::{SocketRedirectSettings, SocketRedirectState, cgroup2_mount};
 
 use crate::fsutil::DirLock;
 use abi::LpmKey;
@@ -88,6 +90,9 @@ pub struct Datapath {
     cluster_now: BTreeMap<LpmKey<IpcacheKey>, ClusterEntry>,
     /// TCX links held open, so that a removed pin never detaches a pod's programs.
     links: BTreeMap<(u32, &'static str), (String, FdLink)>,
+    socket_redirect: SocketRedirectState,
+    /// The `sock_ops` cgroup link and its pin, held open like the TCX links.
+    sock_link: Option<(PathBuf, FdLink)>,
     _pin_lock: DirLock,
 }
 
@@ -170,6 +175,7 @@ impl Datapath {
         pin_dir: &Path,
         verbose: bool,
         conntrack_max_entries: usize,
+        redirect: &SocketRedirectSettings,
     ) -> anyhow::Result<(Self, Channels)> {
         let attach_mode = AttachMode::detect();
         let mut features = features::probe(attach_mode);
@@ -254,6 +260,9 @@ impl Datapath {
         let stats = stats::StatsHandle::open(&pin_dir.join(map_names::METRICS))?;
         let conntrack_stats = stats::StatsHandle::open(&pin_dir.join(map_names::METRICS))?;
 
+        // After tc is loaded, and never fatal: without it tc enforces as before.
+        let (socket_redirect, sock_link) =
+            sockredirect::setup(&mut ebpf, pin_dir, redirect, &features, verbose);
         let mut datapath = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -273,9 +282,13 @@ impl Datapath {
             policy_now: BTreeMap::new(),
             cluster_now: BTreeMap::new(),
             links: BTreeMap::new(),
+            socket_redirect,
+            sock_link,
             _pin_lock: pin_lock,
         };
         datapath.read_back()?;
+        // After tc is in place, and never fatal: without it tc enforces as before.
+        datapath.write_redirect_flag()?;
         info!(
             pin_dir = %pin_dir.display(),
             attach_mode = datapath.attach_mode.name(),
@@ -295,6 +308,28 @@ impl Datapath {
                 conntrack_stats,
             },
         ))
+    }
+
+    /// The config flag the socket programs check, as [`Self::socket_redirect`] says.
+    fn write_redirect_flag(&mut self) -> anyhow::Result<()> {
+        let mut next = self.config_now;
+        if self.socket_redirect.on {
+            next.flags |= config_flags::SOCKET_REDIRECT;
+        } else {
+            next.flags &= !config_flags::SOCKET_REDIRECT;
+        }
+        if next != self.config_now {
+            self.config
+                .set(0, next, 0)
+                .context("writing the datapath config")?;
+            self.config_now = next;
+        }
+        Ok(())
+    }
+
+    /// Whether same-node socket redirection runs, and why not.
+    pub fn socket_redirect(&self) -> &SocketRedirectState {
+        &self.socket_redirect
     }
 
     /// Fill the mirrors from the maps (after adopting pinned maps, they hold the last policy).
@@ -646,6 +681,27 @@ impl Datapath {
                      program stays attached while this agent runs)",
                     key.1
                 )),
+            }
+        }
+        if let Some((pin, link)) = self.sock_link.take() {
+            if attach::pinned_link_is(&pin, &link) {
+                self.sock_link = Some((pin, link));
+            } else {
+                let _ = std::fs::remove_file(&pin);
+                match attach::pin_link(link, &pin) {
+                    Ok(link) => {
+                        findings.push(
+                            "the sock_ops link pin was removed or replaced by someone else: \
+                             pinned again (the program never left the cgroup)"
+                                .to_owned(),
+                        );
+                        self.sock_link = Some((pin, link));
+                    }
+                    Err(e) => findings.push(format!(
+                        "the sock_ops link pin is gone and cannot be restored: {e:#} (socket \
+                         redirection stays attached while this agent runs)"
+                    )),
+                }
             }
         }
         findings.extend(self.verify_contents(deep));

@@ -42,6 +42,12 @@ pub struct Counters {
     /// Conntrack entries the datapath created and removed.
     pub ct_created: u64,
     pub ct_removed: u64,
+    /// Same-node sockets put on the socket path, messages (and bytes) redirected, and
+    /// connection sides sent back to the normal path.
+    pub sock_redirect_sockets: u64,
+    pub sock_redirect_msgs: u64,
+    pub sock_redirect_bytes: u64,
+    pub sock_redirect_fallbacks: u64,
 }
 
 impl StatsHandle {
@@ -79,6 +85,12 @@ impl StatsHandle {
                     metrics_slot::ICMP_RELATED => &mut out.icmp_related,
                     metrics_slot::CT_CREATED => &mut out.ct_created,
                     metrics_slot::CT_REMOVED => &mut out.ct_removed,
+                    metrics_slot::SOCK_REDIRECT_SOCKETS => &mut out.sock_redirect_sockets,
+                    metrics_slot::SOCK_REDIRECT_FALLBACK => &mut out.sock_redirect_fallbacks,
+                    metrics_slot::SOCK_REDIRECT_MSGS => {
+                        out.sock_redirect_bytes = sum.bytes;
+                        &mut out.sock_redirect_msgs
+                    }
                     _ => continue,
                 };
                 *slot = sum.packets;

@@ -30,7 +30,10 @@ pub mod map_names {
     pub const METRICS: &str = "weft_metrics_v1";
     /// The cluster's pod CIDRs (which node each belongs to), for strict encryption.
     pub const CLUSTER: &str = "weft_cluster_v1";
-    pub const ALL: [&str; 12] = [
+    /// Same-node TCP sockets whose payload is redirected (sock_ops inserts, sk_msg reads),
+    /// keyed by the socket's own [`super::CtKey`] (local side first).
+    pub const SOCKHASH: &str = "weft_sock_v1";
+    pub const ALL: [&str; 13] = [
         ENDPOINTS,
         IPCACHE,
         NODES,
@@ -43,6 +46,7 @@ pub mod map_names {
         EVENTS,
         METRICS,
         CLUSTER,
+        SOCKHASH,
     ];
 }
 
@@ -52,6 +56,11 @@ pub mod program_names {
     pub const FROM_POD: &str = "from_pod";
     /// tc egress of the pod's host-side veth: packets entering the pod.
     pub const TO_POD: &str = "to_pod";
+    /// cgroup v2 sock_ops of the node's pods: puts established same-node TCP sockets whose
+    /// flow is plainly allowed into [`super::map_names::SOCKHASH`].
+    pub const SOCK_OPS: &str = "weft_sock_ops";
+    /// sk_msg verdict of that map: redirects each message to the peer socket.
+    pub const SK_MSG: &str = "weft_sk_msg";
 }
 
 /// Names of the read-only globals the agent sets when it loads the programs.
@@ -70,6 +79,7 @@ pub const EVENT_LIMITS_MAX_ENTRIES: usize = 8192;
 pub const AUTH_MAX_ENTRIES: usize = 16384;
 pub const CLUSTER_MAX_ENTRIES: usize = 4096;
 pub const EVENTS_RING_BYTES: usize = 1 << 22;
+pub const SOCKHASH_MAX_ENTRIES: usize = 65536;
 
 // === identities ===
 
@@ -344,6 +354,10 @@ pub mod ct_flags {
     /// enters the pod must have come in through the encryption device (checked on the fast
     /// path too, so plaintext cannot join an established flow).
     pub const ENCRYPTED: u32 = 1 << 9;
+    /// This endpoint's side of a redirected connection went back to the normal path (its
+    /// policy revision went stale, or the peer socket was missing): it never comes back to
+    /// the socket path, so that bytes sent both ways can never be reordered.
+    pub const SOCK_FALLBACK: u32 = 1 << 10;
 }
 
 #[repr(C)]
@@ -570,6 +584,9 @@ pub mod event_notes {
     pub const REVOKED: u8 = 1 << 1;
     /// A fragment of a datagram.
     pub const FRAGMENT: u8 = 1 << 2;
+    /// An established same-node TCP socket whose payload is redirected socket to socket
+    /// (sock_ops): its packets no longer cross the veth.
+    pub const SOCK_REDIRECT: u8 = 1 << 3;
 }
 
 /// A record in the `events` ring buffer: emitted for the first packet of a flow (conntrack
@@ -639,6 +656,12 @@ pub mod metrics_slot {
     pub const CT_CREATED: u32 = METRICS_GLOBAL_BASE + 5;
     /// Conntrack entries the datapath removed (their endpoint was gone).
     pub const CT_REMOVED: u32 = METRICS_GLOBAL_BASE + 6;
+    /// Sockets sock_ops put into the socket redirect map (two per redirected connection).
+    pub const SOCK_REDIRECT_SOCKETS: u32 = METRICS_GLOBAL_BASE + 7;
+    /// Messages (and bytes) sk_msg redirected to the peer socket.
+    pub const SOCK_REDIRECT_MSGS: u32 = METRICS_GLOBAL_BASE + 8;
+    /// Redirected connection sides sent back to the normal path for good.
+    pub const SOCK_REDIRECT_FALLBACK: u32 = METRICS_GLOBAL_BASE + 9;
 }
 pub const METRICS_ENTRIES: usize = 80;
 
@@ -703,6 +726,7 @@ const _: () = {
     assert!((METRICS_AUDIT_BASE as usize) >= (DropReason::MAX as usize + 1) * 2);
     assert!(METRICS_GLOBAL_BASE >= METRICS_AUDIT_BASE * 2);
     assert!(METRICS_ENTRIES > metrics_slot::ICMP_RELATED as usize);
+    assert!(METRICS_ENTRIES > metrics_slot::SOCK_REDIRECT_FALLBACK as usize);
 };
 
 #[cfg(feature = "user")]

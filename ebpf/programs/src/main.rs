@@ -17,6 +17,7 @@ mod parse;
 mod pipeline;
 mod policy;
 mod proxy;
+mod sockops;
 mod to_pod;
 
 /// GPL: the programs call GPL-only helpers (ring buffer output, ktime).

@@ -3,7 +3,7 @@
 //! This module owns the definitions (and the one read-only global) only: no logic.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
     macros::btf_map,
     maps::lpm_trie::Key,
 };
@@ -12,7 +12,7 @@ use weft_common::{
     CtEntry, CtKey, DatapathConfig, EVENT_LIMITS_MAX_ENTRIES, EVENTS_RING_BYTES, EndpointInfo,
     EventLimit, FRAGMENTS_MAX_ENTRIES, FlowEvent, FragEntry, FragKey, IPCACHE_MAX_ENTRIES,
     IpcacheEntry, IpcacheKey, MAX_ENDPOINTS, MAX_NODES, METRICS_ENTRIES, MetricValue, NodeEntry,
-    POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, config_flags,
+    POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, SOCKHASH_MAX_ENTRIES, config_flags,
 };
 
 /// Node-wide settings, one entry (index 0).
@@ -66,6 +66,11 @@ pub static EVENTS: RingBuf<FlowEvent, EVENTS_RING_BYTES> = RingBuf::new();
 /// `weft_common::metrics_slot`.
 #[btf_map(name = "weft_metrics_v1")]
 pub static METRICS: PerCpuArray<MetricValue, METRICS_ENTRIES> = PerCpuArray::new();
+
+/// Same-node TCP sockets whose payload is redirected, keyed by their own conntrack key
+/// (local side first): `sockops` inserts them, the kernel removes them on close.
+#[btf_map(name = "weft_sock_v1")]
+pub static SOCKHASH: SockHash<CtKey, SOCKHASH_MAX_ENTRIES> = SockHash::new();
 
 /// Per-CPU room for the flow event a slow path builds: 80 bytes the stack (512 in all, per
 /// call chain) cannot spare. Programs on one CPU never run nested at tc, so one slot is enough.
