@@ -13,6 +13,8 @@ use weft_agent::daemon::{self, Config};
 #[allow(clippy::cast_possible_truncation)]
 const DEFAULT_CONNTRACK_ENTRIES: u32 = weft_common::CONNTRACK_MAX_ENTRIES as u32;
 
+// Command-line switches are bools by nature.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Parser)]
 #[command(name = "weft-agent", version, about = "weft node agent")]
 struct Args {

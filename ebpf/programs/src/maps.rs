@@ -78,6 +78,12 @@ pub static SOCKHASH: SockHash<CtKey, SOCKHASH_MAX_ENTRIES> = SockHash::new();
 #[btf_map(name = "weft_scratch")]
 pub static SCRATCH: PerCpuArray<FlowEvent, 1> = PerCpuArray::new();
 
+/// Per-CPU room for the flow event of a redirected socket (`sock_ops`' frame cannot hold
+/// it under 6.1's stack accounting). Its own slot, not [`SCRATCH`]: `sock_ops` can run in
+/// process context, where a tc program may interrupt it on the same CPU.
+#[btf_map(name = "weft_sock_scratch")]
+pub static SOCK_SCRATCH: PerCpuArray<FlowEvent, 1> = PerCpuArray::new();
+
 /// Per-CPU room for the conntrack entry a new flow writes (64 bytes), as [`SCRATCH`].
 #[btf_map(name = "weft_ct_scratch")]
 pub static CT_SCRATCH: PerCpuArray<CtEntry, 1> = PerCpuArray::new();

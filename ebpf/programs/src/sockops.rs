@@ -25,7 +25,7 @@ use weft_common::{
 
 use crate::{
     events,
-    maps::{self, Aligned, CONFIG, CONNTRACK, ENDPOINTS, IPCACHE, SOCKHASH},
+    maps::{self, Aligned, CONFIG, CONNTRACK, ENDPOINTS, IPCACHE, SOCK_SCRATCH, SOCKHASH},
 };
 
 const AF_INET: u32 = 2;
@@ -280,7 +280,13 @@ fn established(ctx: &SockOpsContext, active: bool) {
         )
     };
     let v4 = key.0.local_addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-    let event = FlowEvent {
+    let Some(slot) = SOCK_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, valid for this program run. Only sock_ops writes it; a
+    // sock_ops run nested on this CPU could at worst garble this one event.
+    let event = unsafe { &mut *slot };
+    *event = FlowEvent {
         timestamp_ns: now,
         src_addr: src,
         dst_addr: dst,
@@ -303,7 +309,7 @@ fn established(ctx: &SockOpsContext, active: bool) {
         remote_node_id: 0,
         _pad2: 0,
     };
-    events::emit(&event);
+    events::emit(event);
 }
 
 #[sk_msg]

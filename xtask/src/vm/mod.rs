@@ -124,14 +124,14 @@ pub const VM_ROW_TESTS: &[(&str, &[&str])] = &[
         &["same_node_http_rules_pass_get_and_answer_delete_403_per_request"],
     ),
     // sock_ops on a cgroup v2 link and sk_msg on the socket map: the verifier of each
-    // kernel, the payload off the veths, revocation through the sk_msg fallback, and the
-    // pinned cgroup link across a restart.
+    // kernel, the payload off the veths, and revocation through the sk_msg fallback (the
+    // restart test stays on the host: the pinned cgroup link is the same on every kernel
+    // from 5.7, and each VM test costs minutes under emulation).
     (
         "sockmap",
         &[
             "same_node_transfer_is_redirected_both_ways_without_payload_on_the_veths",
             "a_flow_allowed_then_denied_stops_within_a_second",
-            "an_agent_restart_keeps_redirection",
         ],
     ),
 ];
